@@ -1,0 +1,97 @@
+"""The web layer: three routes over the engine, nothing else.
+
+Validation happens here, before any work: `n` above the function's
+`FANOUT_MAX_REQUESTS` is a 422 naming the limit, so n = 10**9 allocates nothing.
+"""
+
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from fanout.engine import FanoutResult, Strategy, fan_out
+from fanout.settings import Settings, load_settings
+from fanout.upstream import UpstreamClient
+
+_DESCRIBED = {
+    Strategy.SYNC: "synchronously",
+    Strategy.GATHER: "asynchronously",
+    Strategy.SEMAPHORE: "asynchronously (with semaphore)",
+}
+
+
+def create_app(settings: Settings | None = None, upstream: UpstreamClient | None = None) -> FastAPI:
+    """Build the app for one function; settings come from the environment unless given."""
+    settings = settings or load_settings()
+    upstream = upstream or UpstreamClient(
+        max_connections=settings.max_concurrency, timeout_s=settings.request_timeout_s
+    )
+    target = str(settings.target_url)
+    app = FastAPI(title="fanout", summary="Fan one call out to many upstream requests, bounded.")
+    app.state.settings = settings
+    app.state.upstream = upstream
+    app.add_exception_handler(RequestValidationError, _explain_validation_error)
+
+    async def send(_index: int) -> int:
+        return await upstream.get_status(target)
+
+    async def run(strategy: Strategy, n: int, concurrency: int) -> dict[str, Any]:
+        result = await fan_out(
+            send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=settings.deadline_s
+        )
+        return _body(result)
+
+    max_n = settings.max_requests
+    N = Annotated[int, Path(ge=1, le=max_n, description=f"Number of requests, 1 to {max_n}.")]
+    K = Annotated[
+        int, Path(ge=1, description="Requests in flight at most (clamped to the function's limit).")
+    ]
+
+    @app.get("/sync/{n}")
+    async def sync(n: N) -> dict[str, Any]:
+        """n requests one after another (never blocking the event loop)."""
+        return await run(Strategy.SYNC, n, 1)
+
+    @app.get("/async/{n}")
+    async def gather(n: N) -> dict[str, Any]:
+        """n requests at once; at most the function's limit are on the wire."""
+        return await run(Strategy.GATHER, n, settings.max_concurrency)
+
+    @app.get("/async_sem/{n}/{k}")
+    async def semaphore(n: N, k: K) -> dict[str, Any]:
+        """n requests, at most min(k, the function's limit) in flight."""
+        return await run(Strategy.SEMAPHORE, n, min(k, settings.max_concurrency))
+
+    return app
+
+
+def _body(result: FanoutResult) -> dict[str, Any]:
+    seconds = result.elapsed_s
+    how = _DESCRIBED[result.strategy]
+    return {
+        "message": f"Processed {len(result.outcomes)} requests {how} in {seconds:.2f} seconds",
+        "status_codes": [outcome.status for outcome in result.outcomes],
+        "strategy": result.strategy.value,
+        "requests": len(result.outcomes),
+        "concurrency": result.concurrency,
+        "elapsed_ms": round(seconds * 1000, 1),
+        "succeeded": result.succeeded,
+        "failed": result.failed,
+        "errors": [
+            {"index": index, "error": outcome.error}
+            for index, outcome in enumerate(result.outcomes)
+            if outcome.error is not None
+        ],
+    }
+
+
+async def _explain_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 detail, plus one readable line naming each field and its limit."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    message = "; ".join(
+        f"{error['loc'][-1]}: {error['msg']} (got {error.get('input')!r})" for error in errors
+    )
+    return JSONResponse(status_code=422, content={"message": message, "detail": jsonable_encoder(errors)})

@@ -1,0 +1,18 @@
+"""The event loop a Lambda container keeps from cold start to its end.
+
+Mangum 0.22 takes its loop from `asyncio.get_event_loop()` on every invocation
+(and once when constructed, which warns on Python 3.12+ when no loop is set).
+The pooled upstream client's connections belong to the loop that opened them,
+so the container sets one loop before Mangum is built and never replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+def install_event_loop() -> asyncio.AbstractEventLoop:
+    """Create a loop and make it current; call once, before constructing Mangum."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    return loop

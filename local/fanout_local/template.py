@@ -1,0 +1,128 @@
+"""Read template.yaml the way `sam local start-api` does: functions, their routes, their environment.
+
+Only what the local gateway needs: each `AWS::Serverless::Function` with its
+handler, code directory, HttpApi routes and environment (Globals merged in,
+`!Ref`/`!Sub` of Parameters resolved from their defaults or from overrides).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # as in the template, e.g. /async_sem/{n}/{k}
+
+    @property
+    def route_key(self) -> str:
+        return f"{self.method} {self.path}"
+
+    def match(self, method: str, path: str) -> dict[str, str] | None:
+        """The path parameters if this route takes the request, else None."""
+        if self.method not in (method, "ANY"):
+            return None
+        pattern = re.sub(r"\\\{(\w+)\\\+\\\}", r"(?P<\1>.+)", re.escape(self.path))
+        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", pattern)
+        found = re.fullmatch(pattern, path)
+        return found.groupdict() if found else None
+
+
+@dataclass(frozen=True)
+class LocalFunction:
+    name: str
+    handler: str  # module.attribute
+    code_dir: Path
+    timeout_s: float
+    routes: tuple[Route, ...]
+    environment: dict[str, str]
+
+
+class _CloudFormationLoader(yaml.SafeLoader):
+    """Reads `!Ref X` as {"Ref": X}, `!Sub s` as {"Fn::Sub": s}, and so on."""
+
+
+def _tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+    return {name: value}
+
+
+_CloudFormationLoader.add_multi_constructor("!", _tag)
+
+
+def load_template(path: Path) -> dict[str, Any]:
+    with path.open() as file:
+        return yaml.load(file, Loader=_CloudFormationLoader)
+
+
+def parameter_values(template: Mapping[str, Any], overrides: Mapping[str, str]) -> dict[str, str]:
+    """Each Parameter's value: the override of the same name if given, else its Default."""
+    values = {}
+    for name, spec in template.get("Parameters", {}).items():
+        if name in overrides:
+            values[name] = overrides[name]
+        elif "Default" in spec:
+            values[name] = str(spec["Default"])
+    return values
+
+
+def local_functions(
+    template: Mapping[str, Any], root: Path, overrides: Mapping[str, str]
+) -> list[LocalFunction]:
+    params = parameter_values(template, overrides)
+    defaults = template.get("Globals", {}).get("Function", {})
+    functions = []
+    for name, resource in template.get("Resources", {}).items():
+        if resource.get("Type") != "AWS::Serverless::Function":
+            continue
+        props = {**defaults, **resource.get("Properties", {})}
+        variables = {
+            **defaults.get("Environment", {}).get("Variables", {}),
+            **resource.get("Properties", {}).get("Environment", {}).get("Variables", {}),
+        }
+        routes = tuple(
+            Route(method=event["Properties"]["Method"].upper(), path=event["Properties"]["Path"])
+            for event in resource.get("Properties", {}).get("Events", {}).values()
+            if event.get("Type") == "HttpApi"
+        )
+        functions.append(
+            LocalFunction(
+                name=name,
+                handler=props["Handler"],
+                code_dir=root / props["CodeUri"],
+                timeout_s=float(props.get("Timeout", 3)),
+                routes=routes,
+                environment={key: _resolve(value, params, name) for key, value in variables.items()},
+            )
+        )
+    return functions
+
+
+def _resolve(value: Any, params: Mapping[str, str], function: str) -> str:
+    if isinstance(value, dict) and "Ref" in value:
+        ref = value["Ref"]
+        if ref not in params:
+            raise KeyError(
+                f"{function}: parameter {ref} has no default; set it in the environment as {ref}=..."
+            )
+        return params[ref]
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        return re.sub(
+            r"\$\{(\w+)\}", lambda m: _resolve({"Ref": m.group(1)}, params, function), value["Fn::Sub"]
+        )
+    if isinstance(value, dict):
+        raise ValueError(f"{function}: cannot resolve {value} locally")
+    return str(value)

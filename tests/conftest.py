@@ -1,0 +1,74 @@
+"""Shared fixtures: a real upstream on 127.0.0.1, event files, and the real Lambda handler."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+import pytest
+
+from fanout_local.upstream import LocalUpstream, running_in_thread
+from fanout_local.worker import LocalContext
+
+ROOT = Path(__file__).resolve().parents[1]
+EVENTS = ROOT / "events"
+HANDLER_FILE = ROOT / "functions" / "api" / "app.py"
+
+T = TypeVar("T")
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """An event file from events/, as `sam local invoke -e` would read it."""
+    return json.loads((EVENTS / name).read_text())
+
+
+def event_files() -> list[str]:
+    return sorted(path.name for path in EVENTS.glob("*.json"))
+
+
+def lambda_context() -> LocalContext:
+    return LocalContext(function_name="test", timeout_s=30)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on a private loop, leaving the thread's current loop (the handler's) alone."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[LocalUpstream]:
+    with running_in_thread(delay_ms=10) as server:
+        yield server
+
+
+@pytest.fixture
+def import_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Import functions/api/app.py afresh (a cold start) with the given environment."""
+    loaded: list[ModuleType] = []
+
+    def cold_start(**env: str) -> ModuleType:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        spec = importlib.util.spec_from_file_location(f"lambda_entry_{len(loaded)}", HANDLER_FILE)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        loaded.append(module)
+        return module
+
+    yield cold_start
+    for module in loaded:  # the container ends: close its client, then its loop
+        loop = asyncio.get_event_loop()
+        loop.run_until_complete(module.handler.app.state.upstream.aclose())
+    if loaded:
+        asyncio.get_event_loop().close()
+        asyncio.set_event_loop(None)

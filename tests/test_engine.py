@@ -1,0 +1,140 @@
+"""The engine on its own: strategies, bounds, isolation and the deadline, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run
+from fanout.engine import DEADLINE_EXCEEDED, Strategy, fan_out
+from fanout.upstream import UpstreamClient
+from fanout_local.upstream import LocalUpstream
+
+
+class RunningSpy:
+    """Counts calls running at once, like aiometer's tests do."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.max_running = 0
+
+    async def send(self, index: int) -> int:
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        await asyncio.sleep(0.005)
+        self.running -= 1
+        return 200
+
+
+@pytest.mark.parametrize("n", [1, 7, 40])
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_semaphore_never_exceeds_k(n: int, k: int) -> None:
+    spy = RunningSpy()
+    result = run(fan_out(spy.send, n=n, strategy=Strategy.SEMAPHORE, concurrency=k, deadline_s=10))
+    assert spy.max_running == min(n, k)
+    assert result.concurrency == min(n, k)
+    assert [outcome.status for outcome in result.outcomes] == [200] * n
+
+
+def test_sync_runs_one_at_a_time() -> None:
+    spy = RunningSpy()
+    result = run(fan_out(spy.send, n=12, strategy=Strategy.SYNC, concurrency=50, deadline_s=10))
+    assert (spy.max_running, result.concurrency, result.succeeded) == (1, 1, 12)
+
+
+def test_bad_arguments_are_refused() -> None:
+    spy = RunningSpy()
+    with pytest.raises(ValueError, match="n=0"):
+        run(fan_out(spy.send, n=0, strategy=Strategy.GATHER, concurrency=1, deadline_s=1))
+
+
+async def _over_http(
+    upstream: LocalUpstream,
+    strategy: Strategy,
+    n: int,
+    concurrency: int,
+    path: str = "/delay?ms=50",
+    pool: int = 10,
+    timeout_s: float = 5.0,
+    deadline_s: float = 10.0,
+    paths: dict[int, str] | None = None,
+):
+    client = UpstreamClient(max_connections=pool, timeout_s=timeout_s)
+    paths = paths or {}
+
+    async def send(index: int) -> int:
+        return await client.get_status(upstream.url + paths.get(index, path))
+
+    try:
+        return await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=deadline_s)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "n", "concurrency", "pool", "peak"),
+    [
+        (Strategy.SYNC, 8, 1, 10, 1),
+        (Strategy.SEMAPHORE, 30, 7, 10, 7),
+        (Strategy.SEMAPHORE, 4, 7, 10, 4),
+        (Strategy.GATHER, 30, 10, 10, 10),
+        (Strategy.GATHER, 4, 10, 10, 4),
+    ],
+)
+def test_peak_in_flight_at_the_upstream(
+    upstream: LocalUpstream, strategy: Strategy, n: int, concurrency: int, pool: int, peak: int
+) -> None:
+    result = run(_over_http(upstream, strategy, n, concurrency, pool=pool))
+    assert upstream.stats.peak_in_flight == peak
+    assert upstream.stats.requests == n
+    assert upstream.stats.connections == peak  # connections are reused, never one per request
+    assert result.succeeded == n
+
+
+def test_semaphore_finishes_in_rounds_not_one_by_one(upstream: LocalUpstream) -> None:
+    result = run(_over_http(upstream, Strategy.SEMAPHORE, 50, 10, path="/delay?ms=100"))
+    # 5 rounds of 100 ms; one after another would take 5 s. Bounds are generous on purpose.
+    assert 0.45 <= result.elapsed_s < 2.0
+    assert result.succeeded == 50
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_a_failing_request_is_isolated(upstream: LocalUpstream, strategy: Strategy) -> None:
+    paths = {0: "/hang", 1: "/reset", 2: "/status/500"}
+    result = run(_over_http(upstream, strategy, 6, 3, path="/delay?ms=5", timeout_s=0.3, paths=paths))
+    statuses = [outcome.status for outcome in result.outcomes]
+    errors = [outcome.error for outcome in result.outcomes]
+    assert statuses == [None, None, 500, 200, 200, 200]
+    assert errors[0] == "ReadTimeout"
+    assert errors[1] == "RemoteProtocolError"
+    assert errors[2:] == [None] * 4
+    assert (result.succeeded, result.failed) == (3, 3)
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_deadline_reports_unfinished_requests(upstream: LocalUpstream, strategy: Strategy) -> None:
+    paths = {2: "/hang"}
+    result = run(
+        _over_http(upstream, strategy, 4, 2, path="/delay?ms=5", timeout_s=5, deadline_s=0.4, paths=paths)
+    )
+    assert result.elapsed_s < 1.5
+    assert len(result.outcomes) == 4
+    assert result.outcomes[2].error == DEADLINE_EXCEEDED
+    if strategy is Strategy.SYNC:  # what comes after the hang never started
+        assert [o.error for o in result.outcomes[3:]] == [DEADLINE_EXCEEDED]
+    else:
+        assert result.outcomes[3].status == 200
+    assert result.outcomes[0].status == 200
+
+
+def test_engine_imports_neither_web_nor_lambda_code() -> None:
+    code = (
+        "import sys, fanout.engine, fanout.upstream;"
+        "bad = {'fastapi', 'starlette', 'mangum', 'pydantic'} & set(sys.modules);"
+        "print(sorted(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,99 @@
+"""The local gateway (`make run`): routes and per-function environments from template.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import ROOT
+from fanout_local.template import Route, load_template, local_functions
+from fanout_local.upstream import LocalUpstream
+
+
+@pytest.mark.parametrize(
+    ("route", "method", "path", "params"),
+    [
+        (Route("GET", "/async_sem/{n}/{k}"), "GET", "/async_sem/10/3", {"n": "10", "k": "3"}),
+        (Route("GET", "/async_sem/{n}/{k}"), "GET", "/async_sem/10", None),
+        (Route("GET", "/sync/{n}"), "POST", "/sync/3", None),
+        (Route("GET", "/sync/{n}"), "GET", "/sync/3/4", None),
+        (Route("ANY", "/files/{path+}"), "PUT", "/files/a/b.txt", {"path": "a/b.txt"}),
+    ],
+)
+def test_route_matching(route: Route, method: str, path: str, params: dict[str, str] | None) -> None:
+    assert route.match(method, path) == params
+
+
+def test_each_function_gets_its_own_environment_and_overrides_apply() -> None:
+    template = load_template(ROOT / "template.yaml")
+    functions = {
+        f.name: f
+        for f in local_functions(template, ROOT, {"TargetUrl": "http://up", "GatherMaxConcurrency": "7"})
+    }
+    assert functions["GatherFunction"].environment["FANOUT_MAX_CONCURRENCY"] == "7"
+    assert functions["SemaphoreFunction"].environment["FANOUT_MAX_CONCURRENCY"] == "100"
+    assert functions["SyncFunction"].environment["FANOUT_TARGET_URL"] == "http://up"
+    assert functions["SyncFunction"].environment["FANOUT_DEADLINE_S"] == "25"
+    assert functions["SyncFunction"].code_dir == ROOT / "functions/api/"
+
+
+def test_missing_required_parameter_says_how_to_set_it() -> None:
+    template = load_template(ROOT / "template.yaml")
+    with pytest.raises(KeyError, match="TargetUrl has no default; set it in the environment as TargetUrl="):
+        local_functions(template, ROOT, {})
+
+
+@pytest.fixture
+def gateway(upstream: LocalUpstream) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    env = {**os.environ, "TargetUrl": f"{upstream.url}/delay?ms=5", "SemaphoreMaxConcurrency": "3"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fanout_local.gateway", "--port", "0", "--no-upstream"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("fanout API on "):
+            yield line.split()[3], process
+            break
+    else:
+        pytest.fail("gateway did not start")
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=10)
+    process.stdout.close()
+
+
+def get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_gateway_serves_each_function_with_its_limits(
+    gateway: tuple[str, subprocess.Popen[str]], upstream: LocalUpstream
+) -> None:
+    base, process = gateway
+    status, body = get(f"{base}/async_sem/12/8")
+    assert status == 200
+    assert body["concurrency"] == 3  # SemaphoreMaxConcurrency from the shell, clamping k=8
+    assert upstream.stats.peak_in_flight == 3
+    status, body = get(f"{base}/async/6")
+    assert (status, body["concurrency"], body["succeeded"]) == (200, 6, 6)
+    assert get(f"{base}/sync/0")[0] == 422
+    assert get(f"{base}/nowhere") == (404, {"message": "Not Found"})
+    process.send_signal(signal.SIGINT)  # Ctrl-C stops the gateway and its workers
+    assert process.wait(timeout=15) == 0

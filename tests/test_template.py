@@ -1,0 +1,178 @@
+"""template.yaml: what it declares matches the app, SAM accepts it, and the built artifacts run alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.routing import APIRoute
+
+from conftest import EVENTS, ROOT
+from fanout.app import create_app
+from fanout.settings import Settings
+from fanout_local.template import load_template, local_functions
+from fanout_local.upstream import LocalUpstream
+
+TEMPLATE = ROOT / "template.yaml"
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    return load_template(TEMPLATE)
+
+
+def test_template_routes_are_exactly_the_app_routes(template: dict[str, Any]) -> None:
+    declared = {
+        (route.method, route.path)
+        for function in local_functions(template, ROOT, {"TargetUrl": "https://example.com"})
+        for route in function.routes
+    }
+    app = create_app(Settings())
+    served = {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods
+    }
+    assert declared == served == {("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}")}
+
+
+def test_each_function_has_its_own_concurrency_parameter(template: dict[str, Any]) -> None:
+    refs = {
+        name: resource["Properties"]["Environment"]["Variables"]["FANOUT_MAX_CONCURRENCY"]["Ref"]
+        for name, resource in template["Resources"].items()
+        if resource["Type"] == "AWS::Serverless::Function"
+    }
+    assert refs == {
+        "SyncFunction": "SyncMaxConcurrency",
+        "GatherFunction": "GatherMaxConcurrency",
+        "SemaphoreFunction": "SemaphoreMaxConcurrency",
+    }
+    assert all(ref in template["Parameters"] for ref in refs.values())
+
+
+def test_target_url_is_required_and_deadline_fits_api_gateway(template: dict[str, Any]) -> None:
+    params = template["Parameters"]
+    assert "Default" not in params["TargetUrl"]
+    assert params["DeadlineSeconds"]["MaxValue"] < 29
+    assert template["Globals"]["Function"]["Timeout"] > params["DeadlineSeconds"]["MaxValue"]
+
+
+# --- the SAM CLI (offline: validate --lint and build need no AWS account) ---------------------
+
+
+@pytest.fixture(scope="module")
+def sam(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    cli = os.environ.get("FANOUT_SAM_CLI") or shutil.which("sam")
+    if not cli:
+        pytest.skip("SAM CLI not found: run the tests with `make test`, which installs it")
+    home = tmp_path_factory.mktemp("sam-home")
+    env = {
+        **os.environ,
+        "HOME": str(home),  # SAM writes its config under ~/.aws-sam
+        "SAM_CLI_TELEMETRY": "0",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return cli, env
+
+
+@pytest.mark.sam
+def test_sam_validate_lint_is_clean(sam: tuple[str, dict[str, str]]) -> None:
+    cli, env = sam
+    done = subprocess.run(
+        [cli, "validate", "--lint", "--template", str(TEMPLATE)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "is a valid SAM Template" in done.stdout
+    assert "[W" not in done.stdout + done.stderr
+
+
+def _runtime_python() -> str | None:
+    """A python3.13 that runs (pyenv's shim may exist without the version selected)."""
+    found = shutil.which("python3.13")
+    if found and subprocess.run([found, "-c", "pass"], capture_output=True).returncode == 0:
+        return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def built(sam: tuple[str, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `sam build` per test session, into a scratch directory."""
+    if _runtime_python() is None:
+        pytest.skip("sam build needs python3.13 on PATH (with pyenv: PYENV_VERSION=3.13.0)")
+    cli, env = sam
+    scratch = tmp_path_factory.mktemp("sam-build")
+    done = subprocess.run(
+        [
+            cli,
+            "build",
+            "--template",
+            str(TEMPLATE),
+            "--build-dir",
+            str(scratch / "build"),
+            "--cache-dir",
+            str(scratch / "cache"),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return scratch / "build"
+
+
+BUILT_INVOKE = textwrap.dedent(
+    """
+    import json, sys
+    import app  # functions/api as Lambda's /var/task
+    event = json.load(open(sys.argv[1]))
+    response = app.handler(event, None)
+    import fanout
+    print(json.dumps({"response": response, "fanout": fanout.__file__, "path": sys.path}))
+    """
+)
+
+
+@pytest.mark.sam
+@pytest.mark.parametrize("function", ["SyncFunction", "GatherFunction", "SemaphoreFunction"])
+def test_built_artifacts_alone_answer_an_event(built: Path, function: str, upstream: LocalUpstream) -> None:
+    runtime = _runtime_python()
+    assert runtime is not None
+    code_dir, layer_dir = built / function, built / "FanoutLayer" / "python"
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": f"{code_dir}{os.pathsep}{layer_dir}",  # /var/task and /opt/python on Lambda
+        "FANOUT_TARGET_URL": f"{upstream.url}/delay?ms=1",
+    }
+    event = {"SyncFunction": "sync", "GatherFunction": "async", "SemaphoreFunction": "async_sem"}[function]
+    # -S: no site-packages at all, so only the built function and layer can satisfy the imports
+    done = subprocess.run(
+        [runtime, "-S", "-c", BUILT_INVOKE, str(EVENTS / f"{event}-http-api-v2.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["fanout"].startswith(str(layer_dir))
+    assert not any(".venv" in entry for entry in out["path"])
+    assert out["response"]["statusCode"] == 200
+    body = json.loads(out["response"]["body"])
+    assert body["succeeded"] == body["requests"] > 0
