@@ -68,7 +68,7 @@ def import_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     yield cold_start
     for module in loaded:  # the container ends: close its client, then its loop
         loop = asyncio.get_event_loop()
-        loop.run_until_complete(module.handler.app.state.upstream.aclose())
+        loop.run_until_complete(module.handler.app.state.transport.aclose())
     if loaded:
         asyncio.get_event_loop().close()
         asyncio.set_event_loop(None)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from conftest import run
-from fanout.engine import DEADLINE_EXCEEDED, Strategy, fan_out
-from fanout.upstream import UpstreamClient
+from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Strategy, fan_out
+from fanout.transports import TRANSPORTS, make_transport
 from fanout_local.upstream import LocalUpstream
 
 
@@ -51,8 +53,9 @@ def test_bad_arguments_are_refused() -> None:
         run(fan_out(spy.send, n=0, strategy=Strategy.GATHER, concurrency=1, deadline_s=1))
 
 
-async def _over_http(
-    upstream: LocalUpstream,
+async def _fan_out_over_http(
+    transport: str,
+    url: str,
     strategy: Strategy,
     n: int,
     concurrency: int,
@@ -61,17 +64,27 @@ async def _over_http(
     timeout_s: float = 5.0,
     deadline_s: float = 10.0,
     paths: dict[int, str] | None = None,
-):
-    client = UpstreamClient(max_connections=pool, timeout_s=timeout_s)
+) -> FanoutResult:
+    client = make_transport(transport, max_connections=pool, timeout_s=timeout_s)
     paths = paths or {}
 
     async def send(index: int) -> int:
-        return await client.get_status(upstream.url + paths.get(index, path))
+        return await client.get_status(url + paths.get(index, path))
 
     try:
         return await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=deadline_s)
     finally:
         await client.aclose()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def over_http(request: pytest.FixtureRequest, upstream: LocalUpstream) -> Callable[..., FanoutResult]:
+    """Fan out to the test upstream through each shipped transport."""
+
+    def call(strategy: Strategy, n: int, concurrency: int, **options: Any) -> FanoutResult:
+        return run(_fan_out_over_http(request.param, upstream.url, strategy, n, concurrency, **options))
+
+    return call
 
 
 @pytest.mark.parametrize(
@@ -85,26 +98,32 @@ async def _over_http(
     ],
 )
 def test_peak_in_flight_at_the_upstream(
-    upstream: LocalUpstream, strategy: Strategy, n: int, concurrency: int, pool: int, peak: int
+    over_http: Callable[..., FanoutResult],
+    upstream: LocalUpstream,
+    strategy: Strategy,
+    n: int,
+    concurrency: int,
+    pool: int,
+    peak: int,
 ) -> None:
-    result = run(_over_http(upstream, strategy, n, concurrency, pool=pool))
+    result = over_http(strategy, n, concurrency, pool=pool)
     assert upstream.stats.peak_in_flight == peak
     assert upstream.stats.requests == n
     assert upstream.stats.connections == peak  # connections are reused, never one per request
     assert result.succeeded == n
 
 
-def test_semaphore_finishes_in_rounds_not_one_by_one(upstream: LocalUpstream) -> None:
-    result = run(_over_http(upstream, Strategy.SEMAPHORE, 50, 10, path="/delay?ms=100"))
+def test_semaphore_finishes_in_rounds_not_one_by_one(over_http: Callable[..., FanoutResult]) -> None:
+    result = over_http(Strategy.SEMAPHORE, 50, 10, path="/delay?ms=100")
     # 5 rounds of 100 ms; one after another would take 5 s. Bounds are generous on purpose.
     assert 0.45 <= result.elapsed_s < 2.0
     assert result.succeeded == 50
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
-def test_a_failing_request_is_isolated(upstream: LocalUpstream, strategy: Strategy) -> None:
+def test_a_failing_request_is_isolated(over_http: Callable[..., FanoutResult], strategy: Strategy) -> None:
     paths = {0: "/hang", 1: "/reset", 2: "/status/500"}
-    result = run(_over_http(upstream, strategy, 6, 3, path="/delay?ms=5", timeout_s=0.3, paths=paths))
+    result = over_http(strategy, 6, 3, path="/delay?ms=5", timeout_s=0.3, paths=paths)
     statuses = [outcome.status for outcome in result.outcomes]
     errors = [outcome.error for outcome in result.outcomes]
     assert statuses == [None, None, 500, 200, 200, 200]
@@ -115,11 +134,11 @@ def test_a_failing_request_is_isolated(upstream: LocalUpstream, strategy: Strate
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
-def test_deadline_reports_unfinished_requests(upstream: LocalUpstream, strategy: Strategy) -> None:
+def test_deadline_reports_unfinished_requests(
+    over_http: Callable[..., FanoutResult], strategy: Strategy
+) -> None:
     paths = {2: "/hang"}
-    result = run(
-        _over_http(upstream, strategy, 4, 2, path="/delay?ms=5", timeout_s=5, deadline_s=0.4, paths=paths)
-    )
+    result = over_http(strategy, 4, 2, path="/delay?ms=5", timeout_s=5, deadline_s=0.4, paths=paths)
     assert result.elapsed_s < 1.5
     assert len(result.outcomes) == 4
     assert result.outcomes[2].error == DEADLINE_EXCEEDED
@@ -132,8 +151,8 @@ def test_deadline_reports_unfinished_requests(upstream: LocalUpstream, strategy:
 
 def test_engine_imports_neither_web_nor_lambda_code() -> None:
     code = (
-        "import sys, fanout.engine, fanout.upstream;"
-        "bad = {'fastapi', 'starlette', 'mangum', 'pydantic'} & set(sys.modules);"
+        "import sys, fanout.engine, fanout.transports;"
+        "bad = {'fastapi', 'starlette', 'mangum', 'pydantic', 'aiohttp', 'httpx'} & set(sys.modules);"
         "print(sorted(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -70,13 +70,13 @@ def test_every_event_file_answers_200(name: str, handler: Any, upstream: LocalUp
 def test_two_warm_invocations_share_loop_pool_and_connections(handler: Any, upstream: LocalUpstream) -> None:
     event = load_event("async_sem-http-api-v2.json")
     assert invoke(handler, event)[0] == 200
-    client = handler.app.state.upstream.client_if_open
+    client = handler.app.state.transport.client_if_open
     opened = upstream.stats.connections
     assert opened == LIMIT
     status, body = invoke(handler, event)
     assert status == 200 and body["succeeded"] == 20
     assert upstream.stats.connections == opened  # the second call opened no connection
-    assert handler.app.state.upstream.client_if_open is client
+    assert handler.app.state.transport.client_if_open is client
     assert not asyncio.get_event_loop().is_closed()
 
 

@@ -2,7 +2,7 @@
 
 Modules, arrows pointing one way:
 - `engine`: the three strategies under a deadline (asyncio only);
-- `upstream`: the pooled HTTP client the engine's requests go through;
+- `transports`: the pooled HTTP clients that carry the engine's requests;
 - `settings`: per-function limits from `FANOUT_*` environment variables;
 - `app`: the FastAPI routes over the engine;
 - `lambda_loop`: the one event loop a Lambda container keeps for Mangum.

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from fanout.engine import FanoutResult, Strategy, fan_out
 from fanout.settings import Settings, load_settings
-from fanout.upstream import UpstreamClient
+from fanout.transports import Transport, make_transport
 
 _DESCRIBED = {
     Strategy.SYNC: "synchronously",
@@ -22,20 +22,20 @@ _DESCRIBED = {
 }
 
 
-def create_app(settings: Settings | None = None, upstream: UpstreamClient | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, transport: Transport | None = None) -> FastAPI:
     """Build the app for one function; settings come from the environment unless given."""
     settings = settings or load_settings()
-    upstream = upstream or UpstreamClient(
-        max_connections=settings.max_concurrency, timeout_s=settings.request_timeout_s
+    transport = transport or make_transport(
+        settings.transport, max_connections=settings.max_concurrency, timeout_s=settings.request_timeout_s
     )
     target = str(settings.target_url)
     app = FastAPI(title="fanout", summary="Fan one call out to many upstream requests, bounded.")
     app.state.settings = settings
-    app.state.upstream = upstream
+    app.state.transport = transport
     app.add_exception_handler(RequestValidationError, _explain_validation_error)
 
     async def send(_index: int) -> int:
-        return await upstream.get_status(target)
+        return await transport.get_status(target)
 
     async def run(strategy: Strategy, n: int, concurrency: int) -> dict[str, Any]:
         result = await fan_out(

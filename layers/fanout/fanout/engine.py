@@ -2,7 +2,7 @@
 
 Pure asyncio. The engine does not know what a request is: it calls `send(index)`,
 which returns an HTTP status or raises. That keeps it testable on its own and lets
-the transport (see `fanout.upstream`) be chosen by measurement.
+the transport (see `fanout.transports`) be chosen by measurement.
 
 Guarantees, whatever the strategy:
 - every index ends with exactly one outcome, in request order;
@@ -22,6 +22,14 @@ from dataclasses import dataclass, field
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 Send = Callable[[int], Awaitable[int]]
+
+
+class RequestError(Exception):
+    """A request failed; `kind` names how, in one vocabulary whatever the transport."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
 
 
 class Strategy(enum.StrEnum):
@@ -105,5 +113,7 @@ async def _record(
 async def _attempt(send: Send, index: int) -> Outcome:
     try:
         return Outcome(status=await send(index))
+    except RequestError as exc:
+        return Outcome(error=exc.kind)
     except Exception as exc:  # isolate: one request's failure is its own outcome
         return Outcome(error=type(exc).__name__)

@@ -7,10 +7,10 @@ the variable's name, not surface later as a 500 on some request.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, HttpUrl, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fanout.transports import TransportName
 
 ENV_PREFIX = "FANOUT_"
 
@@ -20,8 +20,6 @@ LOCAL_UPSTREAM_URL = "http://127.0.0.1:3001/delay"
 #: API Gateway gives up on an integration after 29 s (REST) / 30 s (HTTP API):
 #: the fan-out must have answered before that.
 API_GATEWAY_LIMIT_S = 29.0
-
-Transport = Literal["httpx"]
 
 
 class ConfigError(RuntimeError):
@@ -41,6 +39,9 @@ class Settings(BaseSettings):
     max_requests: int = Field(default=1000, ge=1, le=100_000, description="Largest n one call may ask for.")
     request_timeout_s: float = Field(default=5.0, gt=0, le=API_GATEWAY_LIMIT_S)
     deadline_s: float = Field(default=25.0, gt=0, lt=API_GATEWAY_LIMIT_S)
+    transport: TransportName = Field(
+        default="aiohttp", description="What carries the requests (benchmarks/)."
+    )
 
     @model_validator(mode="after")
     def _timeout_fits_deadline(self) -> Settings:
