@@ -15,7 +15,7 @@ PYTHON ?= $(shell \
 # What the SAM CLI needs to work offline and leave $HOME alone (tests set the same).
 SAM_ENV := SAM_CLI_TELEMETRY=0 AWS_EC2_METADATA_DISABLED=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: run dev test lint build bench clean
+.PHONY: run dev test lint build bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml layers/fanout/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no python3 >= 3.11 found on PATH" >&2; exit 1; }
@@ -51,6 +51,18 @@ lint: $(VENV)/.installed
 ## make build: sam build (needs python3.13 on PATH)
 build: $(SAM_VENV)/.installed $(VENV)/.installed
 	$(SAM_ENV) $(SAM_VENV)/bin/sam build
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+## make bench: every figure in benchmarks/results/ from one run (about 10 minutes)
+bench: $(VENV)/.bench-installed $(SAM_VENV)/.installed
+	cd benchmarks && FANOUT_SAM_CLI="$(CURDIR)/$(SAM_VENV)/bin/sam" $(SAM_ENV) ../$(VENV)/bin/python run.py
+
+## make bench-quick: the same with N in {10, 1000} and fewer candidates
+bench-quick: $(VENV)/.bench-installed $(SAM_VENV)/.installed
+	cd benchmarks && FANOUT_SAM_CLI="$(CURDIR)/$(SAM_VENV)/bin/sam" $(SAM_ENV) ../$(VENV)/bin/python run.py --quick
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) .aws-sam .pytest_cache .ruff_cache

@@ -134,9 +134,7 @@ def test_a_failing_request_is_isolated(over_http: Callable[..., FanoutResult], s
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
-def test_deadline_reports_unfinished_requests(
-    over_http: Callable[..., FanoutResult], strategy: Strategy
-) -> None:
+def test_deadline_reports_unfinished_requests(over_http: Callable[..., FanoutResult], strategy: Strategy) -> None:
     paths = {2: "/hang"}
     result = over_http(strategy, 4, 2, path="/delay?ms=5", timeout_s=5, deadline_s=0.4, paths=paths)
     assert result.elapsed_s < 1.5
@@ -147,6 +145,16 @@ def test_deadline_reports_unfinished_requests(
     else:
         assert result.outcomes[3].status == 200
     assert result.outcomes[0].status == 200
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_no_cookie_carries_over_between_requests(transport: str, upstream: LocalUpstream) -> None:
+    # One session serves every caller of a container: a cookie set for one must not reach another.
+    # A host name, not an IP: cookie jars ignore cookies from IP addresses.
+    url = upstream.url.replace("127.0.0.1", "localhost")
+    result = run(_fan_out_over_http(transport, url, Strategy.SYNC, 3, 1, path="/cookie"))
+    assert result.succeeded == 3
+    assert upstream.stats.requests_with_cookie == 0
 
 
 def test_engine_imports_neither_web_nor_lambda_code() -> None:

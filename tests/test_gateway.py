@@ -36,8 +36,7 @@ def test_route_matching(route: Route, method: str, path: str, params: dict[str, 
 def test_each_function_gets_its_own_environment_and_overrides_apply() -> None:
     template = load_template(ROOT / "template.yaml")
     functions = {
-        f.name: f
-        for f in local_functions(template, ROOT, {"TargetUrl": "http://up", "GatherMaxConcurrency": "7"})
+        f.name: f for f in local_functions(template, ROOT, {"TargetUrl": "http://up", "GatherMaxConcurrency": "7"})
     }
     assert functions["GatherFunction"].environment["FANOUT_MAX_CONCURRENCY"] == "7"
     assert functions["SemaphoreFunction"].environment["FANOUT_MAX_CONCURRENCY"] == "100"

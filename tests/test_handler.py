@@ -116,9 +116,7 @@ def test_bad_input_is_a_422_naming_the_field(
 
 
 def test_k_above_the_limit_is_clamped(handler: Any, upstream: LocalUpstream) -> None:
-    status, body = invoke(
-        handler, with_path("async_sem-http-api-v2.json", "/async_sem/12/500", n="12", k="500")
-    )
+    status, body = invoke(handler, with_path("async_sem-http-api-v2.json", "/async_sem/12/500", n="12", k="500"))
     assert status == 200
     assert body["concurrency"] == LIMIT
     assert upstream.stats.peak_in_flight == LIMIT
@@ -140,9 +138,7 @@ def test_unreachable_upstream_lists_every_error(import_handler: Any) -> None:
     assert body["errors"] == [{"index": i, "error": "ConnectError"} for i in range(10)]
 
 
-def test_deadline_answers_in_time_with_every_request_accounted(
-    upstream: LocalUpstream, import_handler: Any
-) -> None:
+def test_deadline_answers_in_time_with_every_request_accounted(upstream: LocalUpstream, import_handler: Any) -> None:
     module = import_handler(
         FANOUT_TARGET_URL=f"{upstream.url}/hang",
         FANOUT_MAX_CONCURRENCY="4",

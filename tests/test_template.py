@@ -34,12 +34,7 @@ def test_template_routes_are_exactly_the_app_routes(template: dict[str, Any]) ->
         for route in function.routes
     }
     app = create_app(Settings())
-    served = {
-        (method, route.path)
-        for route in app.routes
-        if isinstance(route, APIRoute)
-        for method in route.methods
-    }
+    served = {(method, route.path) for route in app.routes if isinstance(route, APIRoute) for method in route.methods}
     assert declared == served == {("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}")}
 
 

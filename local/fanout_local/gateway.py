@@ -135,9 +135,7 @@ def make_server(workers: list[Worker], host: str, port: int) -> ThreadingHTTPSer
         def _invoke(self, worker: Worker, route: Route, params: dict[str, str]) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
             event = http_api_event(route, self.command, self.path, dict(self.headers), body, params)
-            connection = http.client.HTTPConnection(
-                "127.0.0.1", worker.port, timeout=worker.function.timeout_s
-            )
+            connection = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=worker.function.timeout_s)
             connection.request("POST", "/", json.dumps(event), {"content-type": "application/json"})
             result = json.loads(connection.getresponse().read())
             connection.close()

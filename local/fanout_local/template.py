@@ -79,9 +79,7 @@ def parameter_values(template: Mapping[str, Any], overrides: Mapping[str, str]) 
     return values
 
 
-def local_functions(
-    template: Mapping[str, Any], root: Path, overrides: Mapping[str, str]
-) -> list[LocalFunction]:
+def local_functions(template: Mapping[str, Any], root: Path, overrides: Mapping[str, str]) -> list[LocalFunction]:
     params = parameter_values(template, overrides)
     defaults = template.get("Globals", {}).get("Function", {})
     functions = []
@@ -115,14 +113,10 @@ def _resolve(value: Any, params: Mapping[str, str], function: str) -> str:
     if isinstance(value, dict) and "Ref" in value:
         ref = value["Ref"]
         if ref not in params:
-            raise KeyError(
-                f"{function}: parameter {ref} has no default; set it in the environment as {ref}=..."
-            )
+            raise KeyError(f"{function}: parameter {ref} has no default; set it in the environment as {ref}=...")
         return params[ref]
     if isinstance(value, dict) and "Fn::Sub" in value:
-        return re.sub(
-            r"\$\{(\w+)\}", lambda m: _resolve({"Ref": m.group(1)}, params, function), value["Fn::Sub"]
-        )
+        return re.sub(r"\$\{(\w+)\}", lambda m: _resolve({"Ref": m.group(1)}, params, function), value["Fn::Sub"])
     if isinstance(value, dict):
         raise ValueError(f"{function}: cannot resolve {value} locally")
     return str(value)

@@ -5,6 +5,7 @@ Endpoints:
 - `GET /status/{code}`: answers with that status at once;
 - `GET /hang`: never answers (until the client gives up);
 - `GET /reset`: closes the connection without answering;
+- `GET /cookie`: 200 with a `Set-Cookie` header (counts requests that carried a cookie);
 - `GET /stats`: the counters below, as JSON (not counted themselves).
 
 It counts connections opened, requests served and the peak of requests in
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,14 +34,23 @@ class UpstreamStats:
     requests: int = 0
     in_flight: int = 0
     peak_in_flight: int = 0
+    requests_with_cookie: int = 0
 
     def reset(self) -> None:
-        self.connections = self.requests = self.peak_in_flight = 0
+        self.connections = self.requests = self.peak_in_flight = self.requests_with_cookie = 0
 
 
 class LocalUpstream:
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, delay_ms: float = 50.0) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        delay_ms: float = 50.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
+        self.ssl_context = ssl_context
         self.port = port
         self.delay_ms = delay_ms
         self.stats = UpstreamStats()
@@ -48,10 +59,13 @@ class LocalUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve_connection, self.host, self.port, backlog=4096)
+        self._server = await asyncio.start_server(
+            self._serve_connection, self.host, self.port, backlog=4096, ssl=self.ssl_context
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -80,6 +94,8 @@ class LocalUpstream:
                 if length := int(headers.get("content-length", "0")):
                     await reader.readexactly(length)
                 keep_alive = headers.get("connection", "") != "close"
+                if "cookie" in headers:
+                    self.stats.requests_with_cookie += 1
                 if not await self._respond(target, writer, keep_alive):
                     return
                 await writer.drain()
@@ -106,6 +122,8 @@ class LocalUpstream:
             elif url.path.startswith("/status/"):
                 code = int(url.path.removeprefix("/status/"))
                 writer.write(_response(code, {"status": code}, keep_alive))
+            elif url.path == "/cookie":
+                writer.write(_response(200, {"cookie": "set"}, keep_alive, ("set-cookie: session=caller-a; Path=/",)))
             elif url.path == "/hang":
                 await asyncio.sleep(3600)
             elif url.path == "/reset":
@@ -118,13 +136,15 @@ class LocalUpstream:
             self.stats.in_flight -= 1
 
 
-def _response(status: int, body: object, keep_alive: bool) -> bytes:
+def _response(status: int, body: object, keep_alive: bool, extra_headers: tuple[str, ...] = ()) -> bytes:
     payload = json.dumps(body).encode()
     reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Status"
     connection = "keep-alive" if keep_alive else "close"
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(payload)}\r\nconnection: {connection}\r\n\r\n"
+        f"content-length: {len(payload)}\r\nconnection: {connection}\r\n"
+        + "".join(f"{header}\r\n" for header in extra_headers)
+        + "\r\n"
     )
     return head.encode() + payload
 
@@ -151,16 +171,29 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3001)
     parser.add_argument("--delay-ms", type=float, default=50.0, help="latency of /delay without ?ms=")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (benchmarks: less server CPU)")
+    parser.add_argument("--certfile", help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--keyfile", help="and this private key (PEM)")
     args = parser.parse_args()
+    ssl_context = None
+    if args.certfile:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.certfile, args.keyfile)
 
     async def serve() -> None:
-        upstream = LocalUpstream(host=args.host, port=args.port, delay_ms=args.delay_ms)
+        upstream = LocalUpstream(host=args.host, port=args.port, delay_ms=args.delay_ms, ssl_context=ssl_context)
         await upstream.start()
         print(f"local upstream on {upstream.url} (GET /delay answers after {args.delay_ms:g} ms)", flush=True)
         await asyncio.Event().wait()
 
+    if args.uvloop:
+        import uvloop
+
+        runner = uvloop.run
+    else:
+        runner = asyncio.run
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+        runner(serve())
 
 
 if __name__ == "__main__":

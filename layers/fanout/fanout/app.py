@@ -38,16 +38,12 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
         return await transport.get_status(target)
 
     async def run(strategy: Strategy, n: int, concurrency: int) -> dict[str, Any]:
-        result = await fan_out(
-            send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=settings.deadline_s
-        )
+        result = await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=settings.deadline_s)
         return _body(result)
 
     max_n = settings.max_requests
     N = Annotated[int, Path(ge=1, le=max_n, description=f"Number of requests, 1 to {max_n}.")]
-    K = Annotated[
-        int, Path(ge=1, description="Requests in flight at most (clamped to the function's limit).")
-    ]
+    K = Annotated[int, Path(ge=1, description="Requests in flight at most (clamped to the function's limit).")]
 
     @app.get("/sync/{n}")
     async def sync(n: N) -> dict[str, Any]:
@@ -91,7 +87,5 @@ async def _explain_validation_error(_request: Request, exc: Exception) -> JSONRe
     """FastAPI's 422 detail, plus one readable line naming each field and its limit."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
-    message = "; ".join(
-        f"{error['loc'][-1]}: {error['msg']} (got {error.get('input')!r})" for error in errors
-    )
+    message = "; ".join(f"{error['loc'][-1]}: {error['msg']} (got {error.get('input')!r})" for error in errors)
     return JSONResponse(status_code=422, content={"message": message, "detail": jsonable_encoder(errors)})

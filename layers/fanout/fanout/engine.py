@@ -100,9 +100,7 @@ async def fan_out(
     return FanoutResult(strategy=strategy, concurrency=used, elapsed_s=elapsed, outcomes=final)
 
 
-async def _record(
-    send: Send, index: int, outcomes: list[Outcome | None], limiter: asyncio.Semaphore | None
-) -> None:
+async def _record(send: Send, index: int, outcomes: list[Outcome | None], limiter: asyncio.Semaphore | None) -> None:
     if limiter is None:
         outcomes[index] = await _attempt(send, index)
         return

@@ -1,0 +1,53 @@
+"""Memory per request: peak RSS growth of one gather call, each N in a fresh process.
+
+Growth is measured from after a small warm-up call to the peak of the big call
+(ru_maxrss), so imports and the pool's connections are not counted; the slope
+between sizes is the cost of one more request in flight or queued.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from servers import http1_upstream
+
+SIZES = [1000, 5000, 10000]
+PROBE = """
+import asyncio, resource, sys
+from fanout.engine import Strategy, fan_out
+from fanout.transports import make_transport
+
+async def main(url, n):
+    transport = make_transport("aiohttp", max_connections=100, timeout_s=10)
+    async def send(_i):
+        return await transport.get_status(url)
+    await fan_out(send, n=100, strategy=Strategy.GATHER, concurrency=100, deadline_s=60)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = await fan_out(send, n=n, strategy=Strategy.GATHER, concurrency=100, deadline_s=60)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    await transport.aclose()
+    print((after - before) * 1024, result.failed)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def memory_per_request() -> dict[str, object]:
+    growth: dict[int, int] = {}
+    failed: dict[int, int] = {}
+    with http1_upstream() as server:
+        for n in SIZES:
+            out = subprocess.run(
+                [sys.executable, "-c", PROBE, f"{server.url}/delay?ms=50", str(n)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            growth[n], failed[n] = int(out[0]), int(out[1])
+    slope = (growth[SIZES[-1]] - growth[SIZES[0]]) / (SIZES[-1] - SIZES[0])
+    return {"growth_bytes": growth, "failed": failed, "bytes_per_request": slope}
+
+
+if __name__ == "__main__":
+    print(memory_per_request())

@@ -1,0 +1,221 @@
+"""Turn one benchmark run into benchmarks/results/{results.md,results.json,time_vs_n.png}."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+TRANSPORT_ORDER = ["baseline", "httpx", "httpx2", "httpx-aiohttp", "httpx-http2", "aiohttp", "floor"]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f}"
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    if reference is None or math.isnan(value) or not reference:
+        return "-"
+    return f"{value / reference:.2f}x"
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{count} {kind}" for kind, count in sorted(errors.items())) or "0"
+
+
+def matrix_table(rows: list[Any]) -> list[str]:
+    lines = [
+        "| section | strategy | N | L ms | k/pool | candidate | wall ms: median (min-max) | x floor | x baseline "
+        "| efficiency | client CPU us/req | errors | upstream CPU | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
+    for row in rows:
+        groups[(row.section, row.strategy, row.k, row.latency_ms, row.n)].append(row)
+    for key, group in groups.items():
+        floor = next((r.median_s for r in group if r.candidate == "floor" and r.wall_s), None)
+        baseline = next((r.median_s for r in group if r.candidate == "baseline" and r.wall_s), None)
+        for row in sorted(group, key=lambda r: TRANSPORT_ORDER.index(r.candidate)):
+            if not row.wall_s:
+                lines.append(
+                    f"| {' | '.join(map(str, key[:2]))} | {row.n} | {row.latency_ms} | {row.k} | "
+                    f"{row.candidate} | - | - | - | - | - | - | - | {row.note} |"
+                )
+                continue
+            efficiency = f"{row.efficiency:.2f}" if row.efficiency else "-"
+            lines.append(
+                f"| {row.section} | {row.strategy} | {row.n} | {row.latency_ms} | {row.k} | {row.candidate} | "
+                f"{_ms(row.median_s)} ({_ms(min(row.wall_s))}-{_ms(max(row.wall_s))}) | "
+                f"{_ratio(row.median_s, floor)} | {_ratio(row.median_s, baseline)} | {efficiency} | "
+                f"{row.cpu_us_per_request:,.0f} | {_errors(row.errors)} | {row.upstream_cpu_share:.0%} | {row.note} |"
+            )
+    return lines
+
+
+def headline(rows: list[Any]) -> list[str]:
+    """The targets of the benchmark issue, each as a ratio from this run."""
+
+    def find(section: str, strategy: str, n: int, latency: int, k: int, candidate: str) -> Any:
+        return next(
+            (
+                r
+                for r in rows
+                if (r.section, r.strategy, r.n, r.latency_ms, r.k, r.candidate)
+                == (section, strategy, n, latency, k, candidate)
+                and r.wall_s
+            ),
+            None,
+        )
+
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for strategy in ("gather", "semaphore"):
+        ours, floor = (
+            find("http1", strategy, 1000, 0, 100, "aiohttp"),
+            find("http1", strategy, 1000, 0, 100, "floor"),
+        )
+        if ours and floor:
+            ratio = ours.median_s / floor.median_s
+            lines.append(
+                f"| {strategy} N=1000 L=0: within 1.5x of raw aiohttp, no errors | {ratio:.2f}x, "
+                f"{sum(ours.errors.values())} errors | {'yes' if ratio <= 1.5 and not ours.errors else 'no'} |"
+            )
+    sem = find("http1", "semaphore", 1000, 50, 100, "aiohttp")
+    if sem:
+        lines.append(
+            f"| semaphore N=1000 L=50 k=100: efficiency >= 0.9 | {sem.efficiency:.3f} "
+            f"({_ms(sem.median_s)} ms) | {'yes' if sem.efficiency >= 0.9 else 'no'} |"
+        )
+    big = find("http1", "gather", 5000, 0, 100, "aiohttp")
+    if big:
+        lines.append(
+            f"| gather N=5000: no errors | {sum(big.errors.values())} errors | {'yes' if not big.errors else 'no'} |"
+        )
+    sync = find("http1", "sync", 100, 50, 1, "aiohttp")
+    if sync:
+        lines.append(
+            f"| sync: within 1.5x of N x latency | {sync.median_s / sync.ideal_s:.2f}x (N=100, L=50) | "
+            f"{'yes' if sync.median_s <= 1.5 * sync.ideal_s else 'no'} |"
+        )
+    return lines
+
+
+def write_plot(rows: list[Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("sync", 1), ("gather", 100), ("semaphore", 100)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.5), sharey=True)
+    for axis, (strategy, k) in zip(axes, panels, strict=True):
+        for candidate in TRANSPORT_ORDER:
+            points = sorted(
+                (r.n, r.median_s)
+                for r in rows
+                if r.section == "http1"
+                and r.strategy == strategy
+                and r.k == k
+                and r.latency_ms == 0
+                and r.candidate == candidate
+                and r.wall_s
+            )
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=candidate)
+        axis.set(
+            xscale="log",
+            yscale="log",
+            title=f"{strategy}" + (f" (k/pool={k})" if strategy != "sync" else ""),
+            xlabel="N requests",
+        )
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("wall time, s (upstream latency 0)")
+    axes[-1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def write_report(
+    rows: list[Any],
+    service: list[dict[str, Any]],
+    memory: dict[str, Any],
+    cold: dict[str, Any],
+    machine: dict[str, Any],
+    out: Path,
+) -> None:
+    from run import rows_to_json
+
+    write_plot(rows, out / "time_vs_n.png")
+    hello = cold["import_ms"]["FastAPI + Mangum hello-world, precompiled"]["median"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"One run of `make bench` on {machine['cpus']} CPUs, Python {machine['python']}, {machine['when']}. "
+        "Loopback, tiny JSON bodies; upstream in its own process.",
+        "",
+        "## Targets",
+        "",
+        *headline(rows),
+        f"| Mangum handler overhead per call < 5 ms | "
+        f"{max(r['overhead_ms'] for r in service if r['path'] == 'Mangum handler'):.2f} ms at most | "
+        f"{'yes' if all(r['overhead_ms'] < 5 for r in service if r['path'] == 'Mangum handler') else 'no'} |",
+        f"| cold start from built artifacts < 500 ms | "
+        f"{cold['import_ms']['fanout, precompiled layer (sam build)']['median']:.0f} ms | "
+        f"{'yes' if cold['import_ms']['fanout, precompiled layer (sam build)']['median'] < 500 else 'no'} |",
+        "",
+        "## Cold start (median of 10 fresh interpreters, `import app` from the built artifacts)",
+        "",
+        "| build | import ms: median (min-max) | x hello-world |",
+        "|---|---|---|",
+        *[
+            f"| {name} | {v['median']:.0f} ({v['min']:.0f}-{v['max']:.0f}) | {v['median'] / hello:.2f}x |"
+            for name, v in cold["import_ms"].items()
+        ],
+        "",
+        f"Layer: {cold['layer_mb']:.1f} MB unzipped, {cold['layer_zip_mb']:.1f} MB zipped (Lambda allows 250 MB "
+        "unzipped for function and layers together).",
+        "",
+        "## Memory (gather, aiohttp, fresh process per N)",
+        "",
+        "| N | peak RSS growth | failed |",
+        "|---|---|---|",
+        *[f"| {n} | {b / 2**20:.1f} MB | {memory['failed'][n]} |" for n, b in memory["growth_bytes"].items()],
+        "",
+        f"About {memory['bytes_per_request'] / 1024:.1f} KB per request (slope between the smallest and largest N).",
+        "",
+        "## Through the service (semaphore, k=100, aiohttp transport)",
+        "",
+        "| path | N | L ms | wall ms | engine ms | overhead ms per call | calls |",
+        "|---|---|---|---|---|---|---|",
+        *[
+            f"| {r['path']} | {r['n']} | {r['latency_ms']} | {r['wall_ms']:.1f} | {r['engine_ms']:.1f} | "
+            f"{r['overhead_ms']:.2f} | {r['calls']} |"
+            for r in service
+        ],
+        "",
+        "## Strategies x transports",
+        "",
+        "`floor` is raw aiohttp without the engine; `baseline` the naive pattern (a new httpx client per call, "
+        "`httpx.get` per request for sync). `tls-cold` is the first call on a new client (every connection "
+        "does its TLS handshake); `tls` rows are warm.",
+        "",
+        *matrix_table(rows),
+        "",
+        "![time vs N](time_vs_n.png)",
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "matrix": rows_to_json(rows),
+                "service": service,
+                "memory": memory,
+                "cold_start": cold,
+            },
+            indent=1,
+            default=str,
+        )
+    )

@@ -1,0 +1,151 @@
+"""Upstreams for the benchmarks, each in its own process so it does not share the client's core.
+
+- HTTP/1.1, plain: fanout_local.upstream (asyncio streams, keep-alive);
+- HTTP/1.1 and HTTP/2 over TLS (ALPN): hypercorn serving a one-route ASGI app,
+  with a certificate from a throwaway CA (trustme) that the clients trust.
+
+Every server reports its own CPU time (from /proc) so a reader can see it was not
+the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trustme
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[str]
+    ca: trustme.CA | None = None
+
+    def client_ssl_context(self) -> ssl.SSLContext | None:
+        """A new context trusting this server; one per client, since httpx sets ALPN on the one it gets."""
+        if self.ca is None:
+            return None
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _wait_ready(process: subprocess.Popen[str], marker: str) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        if marker in line:
+            return
+    raise RuntimeError(f"upstream exited before it was ready ({marker!r} never printed)")
+
+
+@contextmanager
+def http1_upstream(port: int = 0) -> Iterator[Server]:
+    port = port or _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fanout_local.upstream", "--port", str(port), "--delay-ms", "0", "--uvloop"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_ready(process, "local upstream on")
+        yield Server(url=f"http://127.0.0.1:{port}", process=process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+@contextmanager
+def tls_upstream() -> Iterator[Server]:
+    """hypercorn on TLS, offering h2 and http/1.1 by ALPN."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    with tempfile.TemporaryDirectory() as scratch:
+        certfile, keyfile = Path(scratch, "cert.pem"), Path(scratch, "key.pem")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+        cert.private_key_pem.write_to_path(str(keyfile))
+        port = _free_port()
+        process = subprocess.Popen(
+            [sys.executable, __file__, str(port), str(certfile), str(keyfile)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_ready(process, "tls upstream on")
+            _wait_listening(port)
+            yield Server(url=f"https://127.0.0.1:{port}", process=process, ca=ca)
+        finally:
+            process.kill()
+            process.wait(timeout=10)
+            assert process.stdout is not None
+            process.stdout.close()
+
+
+def _wait_listening(port: int, timeout_s: float = 10.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _delay_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """ASGI: GET /delay?ms=X answers after X ms."""
+    if scope["type"] != "http":
+        return
+    query = dict(part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part)
+    await asyncio.sleep(float(query.get("ms", 0)) / 1000)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+
+def _serve_tls(port: int, certfile: str, keyfile: str) -> None:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.certfile, config.keyfile = certfile, keyfile
+    config.alpn_protocols = ["h2", "http/1.1"]
+    config.accesslog = config.errorlog = None
+    config.backlog = 4096
+    config.h2_max_concurrent_streams = 1000
+    print(f"tls upstream on {port}", flush=True)
+    asyncio.run(serve(_delay_app, config))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    _serve_tls(int(sys.argv[1]), sys.argv[2], sys.argv[3])
