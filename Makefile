@@ -36,7 +36,7 @@ run: $(VENV)/.installed
 ## make dev: the app alone under uvicorn with reload (one process, default limits), upstream on :3001
 dev: $(VENV)/.installed
 	$(VENV)/bin/python -m fanout_local.upstream & trap "kill $$!" EXIT; \
-	$(VENV)/bin/uvicorn --factory fanout.app:create_app --reload --port 3000
+	FANOUT_ALLOW_PRIVATE_NETWORKS=true $(VENV)/bin/uvicorn --factory fanout.app:create_app --reload --port 3000
 
 ## make test: lint, then every test (the SAM ones included); what CI runs
 test: $(VENV)/.installed $(SAM_VENV)/.installed

@@ -53,22 +53,22 @@ def upstream() -> Iterator[LocalUpstream]:
 @pytest.fixture
 def import_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Import functions/api/app.py afresh (a cold start) with the given environment."""
-    loaded: list[ModuleType] = []
+    loaded: list[tuple[ModuleType, asyncio.AbstractEventLoop]] = []
 
     def cold_start(**env: str) -> ModuleType:
+        env = {"FANOUT_ALLOW_PRIVATE_NETWORKS": "true", **env}  # the test upstream is on loopback
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         spec = importlib.util.spec_from_file_location(f"lambda_entry_{len(loaded)}", HANDLER_FILE)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        loaded.append(module)
+        loaded.append((module, asyncio.get_event_loop()))  # the loop its entry point installed
         return module
 
     yield cold_start
-    for module in loaded:  # the container ends: close its client, then its loop
-        loop = asyncio.get_event_loop()
+    for module, loop in loaded:  # each container ends: close its client, then its loop
         loop.run_until_complete(module.handler.app.state.transport.aclose())
+        loop.close()
     if loaded:
-        asyncio.get_event_loop().close()
         asyncio.set_event_loop(None)

@@ -11,9 +11,21 @@ from typing import Any
 import pytest
 
 from conftest import run
-from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Strategy, fan_out
+from fanout.engine import (
+    DEADLINE_EXCEEDED,
+    SKIPPED_DEADLINE,
+    SKIPPED_FAIL_FAST,
+    FanoutResult,
+    Outcome,
+    Strategy,
+    fan_out,
+)
 from fanout.transports import TRANSPORTS, make_transport
 from fanout_local.upstream import LocalUpstream
+
+
+def statuses(result: FanoutResult[int]) -> list[int | None]:
+    return [outcome.value for outcome in result.outcomes]
 
 
 class RunningSpy:
@@ -38,13 +50,32 @@ def test_semaphore_never_exceeds_k(n: int, k: int) -> None:
     result = run(fan_out(spy.send, n=n, strategy=Strategy.SEMAPHORE, concurrency=k, deadline_s=10))
     assert spy.max_running == min(n, k)
     assert result.concurrency == min(n, k)
-    assert [outcome.status for outcome in result.outcomes] == [200] * n
+    assert [outcome.value for outcome in result.outcomes] == [200] * n
 
 
 def test_sync_runs_one_at_a_time() -> None:
     spy = RunningSpy()
     result = run(fan_out(spy.send, n=12, strategy=Strategy.SYNC, concurrency=50, deadline_s=10))
-    assert (spy.max_running, result.concurrency, result.succeeded) == (1, 1, 12)
+    assert (spy.max_running, result.concurrency, statuses(result)) == (1, 1, [200] * 12)
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_stop_skips_what_has_not_started(strategy: Strategy) -> None:
+    stop = asyncio.Event()
+
+    async def send(index: int) -> int:
+        await asyncio.sleep(0.01)
+        if index == 1:
+            stop.set()
+            raise RuntimeError("upstream broke")
+        return 200
+
+    result = run(fan_out(send, n=6, strategy=strategy, concurrency=2, deadline_s=5, stop=stop))
+    assert result.outcomes[0] == Outcome(value=200)
+    assert result.outcomes[1] == Outcome(error="RuntimeError", detail="upstream broke")
+    assert result.outcomes[2:] == [Outcome(skipped=SKIPPED_FAIL_FAST)] * 4 or strategy is Strategy.GATHER
+    if strategy is Strategy.GATHER:  # all started at once: nothing left to skip
+        assert [o.value for o in result.outcomes[2:]] == [200] * 4
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -65,7 +96,7 @@ async def _fan_out_over_http(
     deadline_s: float = 10.0,
     paths: dict[int, str] | None = None,
 ) -> FanoutResult:
-    client = make_transport(transport, max_connections=pool, timeout_s=timeout_s)
+    client = make_transport(transport, max_connections=pool, timeout_s=timeout_s, allow_private=True)
     paths = paths or {}
 
     async def send(index: int) -> int:
@@ -110,27 +141,25 @@ def test_peak_in_flight_at_the_upstream(
     assert upstream.stats.peak_in_flight == peak
     assert upstream.stats.requests == n
     assert upstream.stats.connections == peak  # connections are reused, never one per request
-    assert result.succeeded == n
+    assert statuses(result) == [200] * n
 
 
 def test_semaphore_finishes_in_rounds_not_one_by_one(over_http: Callable[..., FanoutResult]) -> None:
     result = over_http(Strategy.SEMAPHORE, 50, 10, path="/delay?ms=100")
     # 5 rounds of 100 ms; one after another would take 5 s. Bounds are generous on purpose.
     assert 0.45 <= result.elapsed_s < 2.0
-    assert result.succeeded == 50
+    assert statuses(result) == [200] * 50
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
 def test_a_failing_request_is_isolated(over_http: Callable[..., FanoutResult], strategy: Strategy) -> None:
     paths = {0: "/hang", 1: "/reset", 2: "/status/500"}
     result = over_http(strategy, 6, 3, path="/delay?ms=5", timeout_s=0.3, paths=paths)
-    statuses = [outcome.status for outcome in result.outcomes]
     errors = [outcome.error for outcome in result.outcomes]
-    assert statuses == [None, None, 500, 200, 200, 200]
+    assert statuses(result) == [None, None, 500, 200, 200, 200]
     assert errors[0] == "ReadTimeout"
     assert errors[1] == "RemoteProtocolError"
     assert errors[2:] == [None] * 4
-    assert (result.succeeded, result.failed) == (3, 3)
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
@@ -141,10 +170,10 @@ def test_deadline_reports_unfinished_requests(over_http: Callable[..., FanoutRes
     assert len(result.outcomes) == 4
     assert result.outcomes[2].error == DEADLINE_EXCEEDED
     if strategy is Strategy.SYNC:  # what comes after the hang never started
-        assert [o.error for o in result.outcomes[3:]] == [DEADLINE_EXCEEDED]
+        assert result.outcomes[3] == Outcome(skipped=SKIPPED_DEADLINE)
     else:
-        assert result.outcomes[3].status == 200
-    assert result.outcomes[0].status == 200
+        assert result.outcomes[3].value == 200
+    assert result.outcomes[0].value == 200
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -153,7 +182,7 @@ def test_no_cookie_carries_over_between_requests(transport: str, upstream: Local
     # A host name, not an IP: cookie jars ignore cookies from IP addresses.
     url = upstream.url.replace("127.0.0.1", "localhost")
     result = run(_fan_out_over_http(transport, url, Strategy.SYNC, 3, 1, path="/cookie"))
-    assert result.succeeded == 3
+    assert statuses(result) == [200] * 3
     assert upstream.stats.requests_with_cookie == 0
 
 

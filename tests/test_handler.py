@@ -42,13 +42,41 @@ def with_path(event_name: str, path: str, **params: str) -> dict[str, Any]:
     return event
 
 
+def local_upstreams(upstream: LocalUpstream) -> str:
+    """FANOUT_UPSTREAMS naming the test upstream as the targets the batch event files use."""
+    target = {"url": upstream.url, "allow_http": True}
+    return json.dumps({"catalog": target, "orders": target})
+
+
 @pytest.fixture
 def handler(upstream: LocalUpstream, import_handler: Any) -> Any:
-    module = import_handler(FANOUT_TARGET_URL=f"{upstream.url}/delay?ms=5", FANOUT_MAX_CONCURRENCY=str(LIMIT))
+    module = import_handler(
+        FANOUT_TARGET_URL=f"{upstream.url}/delay?ms=5",
+        FANOUT_MAX_CONCURRENCY=str(LIMIT),
+        FANOUT_UPSTREAMS=local_upstreams(upstream),
+    )
     return module.handler
 
 
-@pytest.mark.parametrize("name", event_files())
+@pytest.mark.parametrize("name", [name for name in event_files() if name.startswith("batch-")])
+def test_batch_event_files_answer_every_request(name: str, handler: Any, upstream: LocalUpstream) -> None:
+    status, body = invoke(handler, load_event(name))
+    assert status == 200
+    responses = {item["id"]: item for item in body["responses"]}
+    assert [item["id"] for item in body["responses"]] == ["a1", "a2", "a3"]
+    assert (responses["a1"]["status"], responses["a1"]["body"], responses["a1"]["attempts"]) == (
+        200,
+        {"delay_ms": 5.0},
+        1,
+    )
+    echoed = responses["a2"]["body"]
+    assert (echoed["method"], json.loads(echoed["body"])) == ("POST", {"sku": 7})
+    assert echoed["headers"]["idempotency-key"] == "k-81"
+    assert responses["a3"]["status"] == 404
+    assert body["summary"] == body["summary"] | {"succeeded": 2, "failed": 1, "skipped": 0, "concurrency": 3}
+
+
+@pytest.mark.parametrize("name", [name for name in event_files() if not name.startswith("batch-")])
 def test_every_event_file_answers_200(name: str, handler: Any, upstream: LocalUpstream) -> None:
     event = load_event(name)
     params = {key: int(value) for key, value in event["pathParameters"].items()}

@@ -35,7 +35,11 @@ def test_template_routes_are_exactly_the_app_routes(template: dict[str, Any]) ->
     }
     app = create_app(Settings())
     served = {(method, route.path) for route in app.routes if isinstance(route, APIRoute) for method in route.methods}
-    assert declared == served == {("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}")}
+    assert (
+        declared
+        == served
+        == {("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}"), ("POST", "/batch")}
+    )
 
 
 def test_each_function_has_its_own_concurrency_parameter(template: dict[str, Any]) -> None:
@@ -45,11 +49,16 @@ def test_each_function_has_its_own_concurrency_parameter(template: dict[str, Any
         if resource["Type"] == "AWS::Serverless::Function"
     }
     assert refs == {
+        "BatchFunction": "BatchMaxConcurrency",
         "SyncFunction": "SyncMaxConcurrency",
         "GatherFunction": "GatherMaxConcurrency",
         "SemaphoreFunction": "SemaphoreMaxConcurrency",
     }
     assert all(ref in template["Parameters"] for ref in refs.values())
+
+
+def test_private_networks_are_never_allowed_in_the_template() -> None:
+    assert "FANOUT_ALLOW_PRIVATE_NETWORKS" not in TEMPLATE.read_text()
 
 
 def test_target_url_is_required_and_deadline_fits_api_gateway(template: dict[str, Any]) -> None:
@@ -132,6 +141,18 @@ def built(sam: tuple[str, dict[str, str]], tmp_path_factory: pytest.TempPathFact
     return scratch / "build"
 
 
+@pytest.mark.sam
+def test_built_layer_ships_bytecode_lambda_will_use(built: Path) -> None:
+    """/opt is read-only: without .pyc every cold start recompiles (see layers/fanout/Makefile)."""
+    layer = built / "FanoutLayer" / "python"
+    for module in ("app", "engine", "settings", "transports"):
+        pyc = layer / "fanout" / "__pycache__" / f"{module}.cpython-313.pyc"
+        flags = int.from_bytes(pyc.read_bytes()[4:8], "little")
+        assert flags == 0b01, f"{pyc.name}: want an unchecked hash-based pyc (PEP 552), flags={flags:#b}"
+    assert not (layer / "fanout_local").exists()  # development tools stay out of the layer
+    assert (layer / "aiohttp" / "__pycache__").is_dir()
+
+
 BUILT_INVOKE = textwrap.dedent(
     """
     import json, sys
@@ -154,6 +175,7 @@ def test_built_artifacts_alone_answer_an_event(built: Path, function: str, upstr
         "PATH": os.environ["PATH"],
         "PYTHONPATH": f"{code_dir}{os.pathsep}{layer_dir}",  # /var/task and /opt/python on Lambda
         "FANOUT_TARGET_URL": f"{upstream.url}/delay?ms=1",
+        "FANOUT_ALLOW_PRIVATE_NETWORKS": "true",  # the test upstream is on loopback
     }
     event = {"SyncFunction": "sync", "GatherFunction": "async", "SemaphoreFunction": "async_sem"}[function]
     # -S: no site-packages at all, so only the built function and layer can satisfy the imports

@@ -169,7 +169,8 @@ def main() -> None:
     overrides = dict(os.environ)
     if not args.no_upstream:
         overrides.setdefault("TargetUrl", f"http://127.0.0.1:{args.upstream_port}/delay")
-    base_env = dict(os.environ)
+    # Local targets live on loopback; on Lambda this variable is never set (see fanout.egress).
+    base_env = {"FANOUT_ALLOW_PRIVATE_NETWORKS": "true", **os.environ}
     template = load_template(args.template)
     functions = local_functions(template, args.template.parent, overrides)
 

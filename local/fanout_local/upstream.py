@@ -8,6 +8,15 @@ Endpoints:
 - `GET /cookie`: 200 with a `Set-Cookie` header (counts requests that carried a cookie);
 - `GET /stats`: the counters below, as JSON (not counted themselves).
 
+Faults, for the /batch tests (`key` keeps a counter per test):
+- `/flaky?key=K&fail=N&status=503`: the first N calls answer `status`, then 200;
+- `/retry-after?key=K&fail=N&s=1` (or `&date=1`): 429 with Retry-After in seconds
+  (or as an HTTP date) for the first N calls, then 200;
+- `/bytes?n=X` (`&type=...`), `/endless`, `/cut`: a body of X bytes, a body that
+  never ends, a body cut off by a reset;
+- `/redirect?to=URL&status=302`; `/echo`: method, path, headers and body as JSON;
+- `/attempts?key=K`: how many calls a key has had.
+
 It counts connections opened, requests served and the peak of requests in
 flight, which is what tests assert concurrency bounds and connection reuse with.
 Plain asyncio streams with keep-alive: no framework, so it is not the bottleneck.
@@ -18,9 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import email.utils
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -54,6 +65,7 @@ class LocalUpstream:
         self.port = port
         self.delay_ms = delay_ms
         self.stats = UpstreamStats()
+        self.calls: dict[str, int] = {}  # per `key` of the fault endpoints
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -89,14 +101,16 @@ class LocalUpstream:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 request_line, *header_lines = head.decode("latin-1").split("\r\n")
-                _method, target, _version = request_line.split(" ", 2)
-                headers = dict(line.lower().split(": ", 1) for line in header_lines if ": " in line)
-                if length := int(headers.get("content-length", "0")):
-                    await reader.readexactly(length)
+                method, target, _version = request_line.split(" ", 2)
+                headers = {
+                    name.lower(): value for name, _, value in (line.partition(": ") for line in header_lines) if value
+                }
+                body = await reader.readexactly(length) if (length := int(headers.get("content-length", "0"))) else b""
                 keep_alive = headers.get("connection", "") != "close"
                 if "cookie" in headers:
                     self.stats.requests_with_cookie += 1
-                if not await self._respond(target, writer, keep_alive):
+                request = Request(method, target, headers, body)
+                if not await self._respond(request, writer, keep_alive):
                     return
                 await writer.drain()
                 if not keep_alive:
@@ -105,9 +119,10 @@ class LocalUpstream:
             self._connections.discard(task)
             writer.close()
 
-    async def _respond(self, target: str, writer: asyncio.StreamWriter, keep_alive: bool) -> bool:
+    async def _respond(self, request: Request, writer: asyncio.StreamWriter, keep_alive: bool) -> bool:
         """Answer one request; False means the connection is to be dropped."""
-        url = urlsplit(target)
+        url = urlsplit(request.target)
+        query = {key: values[0] for key, values in parse_qs(url.query).items()}
         if url.path == "/stats":
             writer.write(_response(200, asdict(self.stats), keep_alive))
             return True
@@ -130,10 +145,75 @@ class LocalUpstream:
                 writer.transport.abort()
                 return False
             else:
-                writer.write(_response(404, {"error": f"no route {url.path}"}, keep_alive))
+                return await self._fault(url.path, query, request, writer, keep_alive)
             return True
         finally:
             self.stats.in_flight -= 1
+
+    async def _fault(
+        self, path: str, query: dict[str, str], request: Request, writer: asyncio.StreamWriter, keep_alive: bool
+    ) -> bool:
+        key = query.get("key", "")
+        if path in ("/flaky", "/retry-after"):
+            self.calls[key] = calls = self.calls.get(key, 0) + 1
+            if calls <= int(query.get("fail", "1")):
+                if path == "/flaky":
+                    writer.write(_response(int(query.get("status", "503")), {"call": calls}, keep_alive))
+                    return True
+                seconds = float(query.get("s", "1"))
+                value = (
+                    email.utils.formatdate(time.time() + seconds, usegmt=True) if "date" in query else f"{seconds:g}"
+                )
+                writer.write(_response(429, {"call": calls}, keep_alive, (f"retry-after: {value}",)))
+                return True
+            writer.write(_response(200, {"call": calls}, keep_alive))
+        elif path == "/attempts":
+            writer.write(_response(200, {"calls": self.calls.get(key, 0)}, keep_alive))
+        elif path == "/echo":
+            echoed = {
+                "method": request.method,
+                "target": request.target,
+                "headers": request.headers,
+                "body": request.body.decode("utf-8", "replace"),
+            }
+            writer.write(_response(200, echoed, keep_alive))
+        elif path == "/bytes":
+            size, kind = int(query.get("n", "0")), query.get("type", "application/octet-stream")
+            data = (b"x" * size) if kind.startswith("text/") else bytes(range(256)) * (size // 256) + bytes(size % 256)
+            writer.write(_raw_response(200, data, kind, keep_alive))
+        elif path == "/redirect":
+            location = query.get("to", "/")
+            writer.write(_response(int(query.get("status", "302")), {}, keep_alive, (f"location: {location}",)))
+        elif path == "/endless":
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n")
+            chunk = b"y" * 65536
+            while True:  # until the client gives up and closes
+                writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                await writer.drain()
+        elif path == "/cut":
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 100000\r\n\r\n" + b"z" * 10)
+            await writer.drain()
+            writer.transport.abort()
+            return False
+        else:
+            writer.write(_response(404, {"error": f"no route {path}"}, keep_alive))
+        return True
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def _raw_response(status: int, data: bytes, content_type: str, keep_alive: bool) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(data)}\r\nconnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    )
+    return head.encode() + data
 
 
 def _response(status: int, body: object, keep_alive: bool, extra_headers: tuple[str, ...] = ()) -> bytes:

@@ -1,4 +1,4 @@
-"""The web layer: three routes over the engine, nothing else.
+"""The web layer: the three seed routes over the engine, and POST /batch (fanout.batch_api).
 
 Validation happens here, before any work: `n` above the function's
 `FANOUT_MAX_REQUESTS` is a 422 naming the limit, so n = 10**9 allocates nothing.
@@ -11,9 +11,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fanout.engine import FanoutResult, Strategy, fan_out
+from fanout.batch import BatchRunner
+from fanout.batch_api import add_batch_route
+from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Strategy, fan_out
 from fanout.settings import Settings, load_settings
-from fanout.transports import Transport, make_transport
+from fanout.transports import AiohttpTransport, make_transport
 
 _DESCRIBED = {
     Strategy.SYNC: "synchronously",
@@ -22,11 +24,21 @@ _DESCRIBED = {
 }
 
 
-def create_app(settings: Settings | None = None, transport: Transport | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, transport: AiohttpTransport | None = None) -> FastAPI:
     """Build the app for one function; settings come from the environment unless given."""
     settings = settings or load_settings()
     transport = transport or make_transport(
-        settings.transport, max_connections=settings.max_concurrency, timeout_s=settings.request_timeout_s
+        settings.transport,
+        max_connections=settings.max_concurrency,
+        timeout_s=settings.request_timeout_s,
+        max_per_host=settings.max_per_host,
+        allow_private=settings.allow_private_networks,
+    )
+    runner = BatchRunner(
+        transport,
+        max_attempts=settings.max_attempts,
+        max_item_bytes=settings.max_item_bytes,
+        rate_per_s=settings.rate_per_s,
     )
     target = str(settings.target_url)
     app = FastAPI(title="fanout", summary="Fan one call out to many upstream requests, bounded.")
@@ -60,25 +72,29 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
         """n requests, at most min(k, the function's limit) in flight."""
         return await run(Strategy.SEMAPHORE, n, min(k, settings.max_concurrency))
 
+    add_batch_route(app, settings, runner.run)
     return app
 
 
-def _body(result: FanoutResult) -> dict[str, Any]:
+def _body(result: FanoutResult[int]) -> dict[str, Any]:
     seconds = result.elapsed_s
     how = _DESCRIBED[result.strategy]
+    statuses = [outcome.value for outcome in result.outcomes]
+    succeeded = sum(status is not None and status < 400 for status in statuses)
     return {
-        "message": f"Processed {len(result.outcomes)} requests {how} in {seconds:.2f} seconds",
-        "status_codes": [outcome.status for outcome in result.outcomes],
+        "message": f"Processed {len(statuses)} requests {how} in {seconds:.2f} seconds",
+        "status_codes": statuses,
         "strategy": result.strategy.value,
-        "requests": len(result.outcomes),
+        "requests": len(statuses),
         "concurrency": result.concurrency,
         "elapsed_ms": round(seconds * 1000, 1),
-        "succeeded": result.succeeded,
-        "failed": result.failed,
+        "succeeded": succeeded,
+        "failed": len(statuses) - succeeded,
         "errors": [
-            {"index": index, "error": outcome.error}
+            # never started before the deadline counts as the deadline's failure too
+            {"index": index, "error": outcome.error or DEADLINE_EXCEEDED}
             for index, outcome in enumerate(result.outcomes)
-            if outcome.error is not None
+            if outcome.value is None
         ],
     }
 

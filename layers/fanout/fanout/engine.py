@@ -1,14 +1,16 @@
-"""The fan-out engine: run n requests with one of three strategies under a deadline.
+"""The fan-out engine: run n calls with one of three strategies under a deadline.
 
-Pure asyncio. The engine does not know what a request is: it calls `send(index)`,
-which returns an HTTP status or raises. That keeps it testable on its own and lets
-the transport (see `fanout.transports`) be chosen by measurement.
+Pure asyncio. The engine does not know what a request is: it awaits `send(index)`,
+which returns a value or raises. That keeps it testable on its own and lets the
+transport (see `fanout.transports`) be chosen by measurement.
 
 Guarantees, whatever the strategy:
 - every index ends with exactly one outcome, in request order;
-- one failing request never fails the others (exceptions become outcomes);
-- at the deadline, unfinished requests are cancelled and reported as
-  `DeadlineExceeded`, so the call answers in time and loses nothing.
+- one failing call never fails the others (exceptions become outcomes);
+- at the deadline, calls in flight are cancelled and reported as
+  `DeadlineExceeded`, calls never started as skipped ("deadline"), so the
+  caller answers in time and loses nothing;
+- once `stop` is set (fail-fast), calls not yet started are skipped ("fail_fast").
 """
 
 from __future__ import annotations
@@ -17,19 +19,14 @@ import asyncio
 import enum
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 DEADLINE_EXCEEDED = "DeadlineExceeded"
+SKIPPED_DEADLINE = "deadline"
+SKIPPED_FAIL_FAST = "fail_fast"
 
-Send = Callable[[int], Awaitable[int]]
-
-
-class RequestError(Exception):
-    """A request failed; `kind` names how, in one vocabulary whatever the transport."""
-
-    def __init__(self, kind: str, detail: str = "") -> None:
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind = kind
+T = TypeVar("T")
 
 
 class Strategy(enum.StrEnum):
@@ -38,43 +35,43 @@ class Strategy(enum.StrEnum):
     SEMAPHORE = "semaphore"  # at most `concurrency` started at a time
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What became of one request: a status, or the name of the error."""
+class RequestError(Exception):
+    """A request failed; `kind` names how, in one vocabulary whatever the transport."""
 
-    status: int | None = None
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[T]):
+    """What became of one call: a value, an error's name, or why it never started."""
+
+    value: T | None = None
     error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and self.status < 400
+    detail: str = ""
+    skipped: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class FanoutResult:
+class FanoutResult(Generic[T]):
     strategy: Strategy
     concurrency: int
     elapsed_s: float
-    outcomes: list[Outcome] = field(repr=False)
-
-    @property
-    def succeeded(self) -> int:
-        return sum(outcome.ok for outcome in self.outcomes)
-
-    @property
-    def failed(self) -> int:
-        return len(self.outcomes) - self.succeeded
+    outcomes: list[Outcome[T]]
 
 
 async def fan_out(
-    send: Send,
+    send: Callable[[int], Awaitable[T]],
     *,
     n: int,
     strategy: Strategy,
     concurrency: int,
     deadline_s: float,
-) -> FanoutResult:
-    """Call `send(0) … send(n-1)` and collect one outcome per call.
+    stop: asyncio.Event | None = None,
+) -> FanoutResult[T]:
+    """Await `send(0) … send(n-1)` and collect one outcome per call.
 
     `concurrency` is what the caller was granted (already clamped to the
     function's ceiling); SYNC ignores it, GATHER relies on the transport's
@@ -82,36 +79,50 @@ async def fan_out(
     """
     if n < 1 or concurrency < 1 or deadline_s <= 0:
         raise ValueError(f"n={n}, concurrency={concurrency} and deadline_s={deadline_s} must be positive")
-    outcomes: list[Outcome | None] = [None] * n
-    started = time.perf_counter()
+    outcomes: list[Outcome[T] | None] = [None] * n
+    started: list[bool] = [False] * n
+    limiter = asyncio.Semaphore(concurrency) if strategy is Strategy.SEMAPHORE else None
+
+    async def run_one(index: int) -> None:
+        if stop is not None and stop.is_set():
+            outcomes[index] = Outcome(skipped=SKIPPED_FAIL_FAST)
+            return
+        started[index] = True
+        outcomes[index] = await _attempt(send, index)
+
+    async def bounded(index: int) -> None:
+        if limiter is None:
+            return await run_one(index)
+        async with limiter:
+            return await run_one(index)
+
+    begun = time.perf_counter()
     try:
         async with asyncio.timeout(deadline_s):
             if strategy is Strategy.SYNC:
                 for index in range(n):
-                    outcomes[index] = await _attempt(send, index)
+                    await run_one(index)
             else:
-                limiter = asyncio.Semaphore(concurrency) if strategy is Strategy.SEMAPHORE else None
-                await asyncio.gather(*(_record(send, index, outcomes, limiter) for index in range(n)))
+                await asyncio.gather(*(bounded(index) for index in range(n)))
     except TimeoutError:
         pass  # what did not finish is reported below, not lost
-    elapsed = time.perf_counter() - started
-    final = [outcome or Outcome(error=DEADLINE_EXCEEDED) for outcome in outcomes]
+    elapsed = time.perf_counter() - begun
+    final = [
+        outcome
+        if outcome is not None
+        else Outcome(error=DEADLINE_EXCEEDED)
+        if started[index]
+        else Outcome(skipped=SKIPPED_DEADLINE)
+        for index, outcome in enumerate(outcomes)
+    ]
     used = 1 if strategy is Strategy.SYNC else min(n, concurrency)
     return FanoutResult(strategy=strategy, concurrency=used, elapsed_s=elapsed, outcomes=final)
 
 
-async def _record(send: Send, index: int, outcomes: list[Outcome | None], limiter: asyncio.Semaphore | None) -> None:
-    if limiter is None:
-        outcomes[index] = await _attempt(send, index)
-        return
-    async with limiter:
-        outcomes[index] = await _attempt(send, index)
-
-
-async def _attempt(send: Send, index: int) -> Outcome:
+async def _attempt(send: Callable[[int], Awaitable[T]], index: int) -> Outcome[T]:
     try:
-        return Outcome(status=await send(index))
+        return Outcome(value=await send(index))
     except RequestError as exc:
-        return Outcome(error=exc.kind)
-    except Exception as exc:  # isolate: one request's failure is its own outcome
-        return Outcome(error=type(exc).__name__)
+        return Outcome(error=exc.kind, detail=exc.detail)
+    except Exception as exc:  # isolate: one call's failure is its own outcome
+        return Outcome(error=type(exc).__name__, detail=str(exc))

@@ -7,8 +7,10 @@ the variable's name, not surface later as a 500 on some request.
 
 from __future__ import annotations
 
-from pydantic import Field, HttpUrl, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Any
+
+from pydantic import BaseModel, Field, HttpUrl, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from fanout.transports import TransportName
 
@@ -26,6 +28,32 @@ class ConfigError(RuntimeError):
     """The environment holds a value the service cannot start with."""
 
 
+class UpstreamTarget(BaseModel):
+    """One name a /batch caller may send requests to, and what it allows.
+
+    In FANOUT_UPSTREAMS either a URL string (https only, no redirects, no
+    Authorization forwarded) or an object with these fields.
+    """
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    url: HttpUrl
+    allow_http: bool = False
+    max_redirects: int = Field(default=0, ge=0, le=10)
+    forward_authorization: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _scheme_allowed(self) -> UpstreamTarget:
+        if self.url.scheme == "http" and not self.allow_http:
+            raise ValueError(f"{self.url} is plain http: set allow_http to true for this target, or use https")
+        return self
+
+
 class Settings(BaseSettings):
     """What one function may do per call. A request may ask for less, never more."""
 
@@ -40,6 +68,16 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=5.0, gt=0, le=API_GATEWAY_LIMIT_S)
     deadline_s: float = Field(default=25.0, gt=0, lt=API_GATEWAY_LIMIT_S)
     transport: TransportName = Field(default="aiohttp", description="What carries the requests (benchmarks/).")
+    allow_private_networks: bool = Field(
+        default=False, description="Let requests reach loopback/private addresses: local runs and tests only."
+    )
+    upstreams: dict[str, UpstreamTarget] = Field(default_factory=dict, description="/batch target names.")
+    max_per_host: int = Field(default=0, ge=0, le=1000, description="Requests in flight to one host; 0: no cap.")
+    rate_per_s: float = Field(default=0, ge=0, description="Requests started per second per container; 0: no cap.")
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    max_item_bytes: int = Field(default=256 * 1024, ge=1, le=6_000_000, description="Each /batch body is cut here.")
+    max_response_bytes: int = Field(default=4_000_000, ge=1024, le=5_900_000, description="Under Lambda's 6 MB.")
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, le=6_000_000, description="Largest /batch request body.")
 
     @model_validator(mode="after")
     def _timeout_fits_deadline(self) -> Settings:
@@ -55,11 +93,15 @@ def load_settings() -> Settings:
     """Read the environment, turning pydantic's report into one naming the variables."""
     try:
         return Settings()
+    except SettingsError as exc:  # a value that is not even JSON, for the object/list variables
+        field = str(exc).split('"')[1] if '"' in str(exc) else "?"
+        raise ConfigError(f"Invalid configuration: {ENV_PREFIX}{field.upper()}: not valid JSON ({exc})") from exc
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"])
+            field, *inside = [str(part) for part in error["loc"]] or [""]
             name = f"{ENV_PREFIX}{field.upper()}" if field else "configuration"
-            given = f" (got {error['input']!r})" if field else ""
-            problems.append(f"{name}{given}: {error['msg']}")
+            where = f" [{'.'.join(inside)}]" if inside else ""
+            given = f" (got {error['input']!r})" if field and not inside else ""
+            problems.append(f"{name}{where}{given}: {error['msg']}")
         raise ConfigError("Invalid configuration: " + "; ".join(problems)) from exc

@@ -1,0 +1,197 @@
+"""Running a /batch: every item through retries and the rate limit, under one budget.
+
+No FastAPI here: items come in as `BatchItem`s (the web layer has already turned
+target names into URLs and checked headers), and each ends as one `ItemReport`:
+a response, an error, or skipped with the reason. Nothing is dropped.
+
+Retries (tenacity; it fits the async, budget-aware shape: the wait is computed
+before the stop check, so a wait that would overrun the budget stops instead):
+- only idempotent methods, or requests carrying an idempotency key;
+- on connection-level errors and on 429, 502, 503, 504;
+- exponential backoff with full jitter ("Exponential Backoff And Jitter", AWS
+  Architecture Blog), or the upstream's Retry-After when it fits the budget;
+- the last answer is what is reported, with the number of attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from email.utils import parsedate_to_datetime
+
+from aiolimiter import AsyncLimiter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    retry_if_result,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from fanout.engine import Outcome, RequestError, Strategy, fan_out
+from fanout.transports import AiohttpTransport, UpstreamResponse
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+RETRY_ERRORS = frozenset({"ConnectError", "ConnectTimeout", "ReadTimeout", "ReadError", "RemoteProtocolError"})
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    id: str
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    idempotency_key: str | None = None
+    max_redirects: int = 0
+    check_redirect: Callable[[str], None] = lambda _url: None
+
+    @property
+    def retryable(self) -> bool:
+        return self.method in IDEMPOTENT_METHODS or self.idempotency_key is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemReport:
+    id: str
+    attempts: int
+    elapsed_s: float
+    response: UpstreamResponse | None = None
+    error: str | None = None
+    message: str = ""
+    skipped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.response is not None and self.response.status < 400
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRun:
+    reports: list[ItemReport]
+    concurrency: int
+    elapsed_s: float
+
+
+def retry_after_s(response: UpstreamResponse) -> float | None:
+    """Retry-After in seconds, from delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    value = response.headers.get("Retry-After") or response.headers.get("retry-after")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class BatchRunner:
+    """One per container: the shared transport, the rate limit, the retry policy."""
+
+    def __init__(
+        self,
+        transport: AiohttpTransport,
+        *,
+        max_attempts: int,
+        max_item_bytes: int,
+        rate_per_s: float = 0,
+    ) -> None:
+        self.transport = transport
+        self.max_attempts = max_attempts
+        self.max_item_bytes = max_item_bytes
+        # A leaky bucket over all calls of this container, one token per attempt.
+        self.limiter = AsyncLimiter(rate_per_s, 1.0) if rate_per_s else None
+        self._jitter = wait_random_exponential(multiplier=BACKOFF_BASE_S, max=BACKOFF_CAP_S)
+
+    async def run(
+        self, items: list[BatchItem], *, strategy: Strategy, concurrency: int, budget_s: float, fail_fast: bool
+    ) -> BatchRun:
+        attempts = [0] * len(items)
+        stop = asyncio.Event() if fail_fast else None
+        deadline = time.monotonic() + budget_s
+
+        async def send(index: int) -> ItemReport:
+            started = time.perf_counter()
+            report = await self._send_with_retries(items[index], index, attempts, deadline)
+            report = replace(report, elapsed_s=time.perf_counter() - started)
+            if stop is not None and not report.ok:
+                stop.set()
+            return report
+
+        result = await fan_out(
+            send, n=len(items), strategy=strategy, concurrency=concurrency, deadline_s=budget_s, stop=stop
+        )
+        reports = [
+            _report(item, outcome, attempts[index], result.elapsed_s)
+            for index, (item, outcome) in enumerate(zip(items, result.outcomes, strict=True))
+        ]
+        return BatchRun(reports=reports, concurrency=result.concurrency, elapsed_s=result.elapsed_s)
+
+    async def _send_with_retries(self, item: BatchItem, index: int, attempts: list[int], deadline: float) -> ItemReport:
+        headers = dict(item.headers)
+        if item.idempotency_key is not None:
+            headers["Idempotency-Key"] = item.idempotency_key
+
+        async def attempt() -> UpstreamResponse:
+            attempts[index] += 1
+            if self.limiter is not None:
+                await self.limiter.acquire()
+            return await self.transport.send(
+                item.method,
+                item.url,
+                headers=headers,
+                body=item.body,
+                max_body_bytes=self.max_item_bytes,
+                max_redirects=item.max_redirects,
+                check_redirect=item.check_redirect,
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts if item.retryable else 1) | _stop_past(deadline),
+            wait=self._wait,
+            retry=retry_if_exception(_retryable_error) | retry_if_result(lambda r: r.status in RETRY_STATUSES),
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+        try:
+            response = await retrying(attempt)
+        except RequestError as exc:
+            return ItemReport(id=item.id, attempts=attempts[index], elapsed_s=0, error=exc.kind, message=exc.detail)
+        return ItemReport(id=item.id, attempts=attempts[index], elapsed_s=0, response=response)
+
+    def _wait(self, state: RetryCallState) -> float:
+        outcome = state.outcome
+        if outcome is not None and not outcome.failed:
+            hinted = retry_after_s(outcome.result())
+            if hinted is not None:
+                return hinted
+        return float(self._jitter(state))
+
+
+def _stop_past(deadline: float) -> Callable[[RetryCallState], bool]:
+    """Stop when the next wait would end past the budget: the answer must go out in time."""
+
+    def stop(state: RetryCallState) -> bool:
+        return time.monotonic() + (state.upcoming_sleep or 0.0) >= deadline
+
+    return stop
+
+
+def _retryable_error(exc: BaseException) -> bool:
+    return isinstance(exc, RequestError) and exc.kind in RETRY_ERRORS
+
+
+def _report(item: BatchItem, outcome: Outcome[ItemReport], attempts: int, elapsed_s: float) -> ItemReport:
+    """The engine's outcome as a report; cut-off and skipped items keep the attempts they made."""
+    if outcome.value is not None:
+        return outcome.value
+    if outcome.skipped is not None:
+        return ItemReport(id=item.id, attempts=attempts, elapsed_s=0.0, skipped=outcome.skipped)
+    message = "the call's deadline passed while this request was in flight" if attempts else outcome.detail
+    return ItemReport(id=item.id, attempts=attempts, elapsed_s=elapsed_s, error=outcome.error, message=message)
