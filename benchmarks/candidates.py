@@ -2,7 +2,9 @@
 
 - `baseline`: the naive pattern this service replaces: a new `httpx.AsyncClient`
   with default limits for every call (and `httpx.get` per request for sync);
-- the service's transport (`fanout.transports`): `aiohttp`;
+- the service's transport (`fanout.transports`): `aiohttp` (its egress guard on:
+  loopback is allowed here, but every address is still checked), and
+  `aiohttp-unguarded`, the same without the guard, to show what the guard costs;
 - candidates measured and not shipped: httpx's own HTTP/1.1 pool (`httpx`),
   `httpx2` (the maintained fork), httpx's API on aiohttp (`httpx-aiohttp`) and
   httpx with `http2=True` over TLS (`httpx-http2`);
@@ -71,6 +73,18 @@ class HttpxAiohttpTransport(HttpxTransport):
         limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
         transport = HttpxOnAiohttp(limits=limits, verify=self.ssl_context or True)
         return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(self.timeout_s, pool=None))
+
+
+class UnguardedAiohttp(AiohttpTransport):
+    """The service's transport without the egress guard: what the guard costs."""
+
+    def _check_literal(self, url: Any) -> None:
+        pass
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
 
 
 class Candidate:
@@ -153,7 +167,7 @@ class Floor(Candidate):
             statuses = await asyncio.gather(*(bounded() for _ in range(n)))
         else:
             statuses = await asyncio.gather(*(get() for _ in range(n)))
-        outcomes = [Outcome(status=status) for status in statuses]
+        outcomes = [Outcome(value=status) for status in statuses]
         return FanoutResult(strategy, min(n, concurrency), loop.time() - started, outcomes)
 
     async def aclose(self) -> None:
@@ -176,7 +190,8 @@ def make_candidates(
         "httpx2": lambda: Candidate("httpx2", Httpx2Transport(**common())),
         "httpx-aiohttp": lambda: Candidate("httpx-aiohttp", HttpxAiohttpTransport(**common())),
         "httpx-http2": lambda: Candidate("httpx-http2", HttpxTransport(http2=True, **common())),
-        "aiohttp": lambda: Candidate("aiohttp", AiohttpTransport(**common())),
+        "aiohttp": lambda: Candidate("aiohttp", AiohttpTransport(allow_private=True, **common())),
+        "aiohttp-unguarded": lambda: Candidate("aiohttp-unguarded", UnguardedAiohttp(**common())),
         "floor": lambda: Floor(pool, ssl_factory()),
     }
     return [factories[name]() for name in names]

@@ -8,7 +8,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-TRANSPORT_ORDER = ["baseline", "httpx", "httpx2", "httpx-aiohttp", "httpx-http2", "aiohttp", "floor"]
+TRANSPORT_ORDER = [
+    "baseline",
+    "httpx",
+    "httpx2",
+    "httpx-aiohttp",
+    "httpx-http2",
+    "aiohttp",
+    "aiohttp-unguarded",
+    "floor",
+]
 
 
 def _ms(seconds: float) -> str:
@@ -86,6 +95,17 @@ def headline(rows: list[Any]) -> list[str]:
         lines.append(
             f"| semaphore N=1000 L=50 k=100: efficiency >= 0.9 | {sem.efficiency:.3f} "
             f"({_ms(sem.median_s)} ms) | {'yes' if sem.efficiency >= 0.9 else 'no'} |"
+        )
+    guarded, bare = (
+        find("http1", "semaphore", 1000, 0, 100, "aiohttp"),
+        find("http1", "semaphore", 1000, 0, 100, "aiohttp-unguarded"),
+    )
+    if guarded and bare:
+        cost = guarded.median_s / bare.median_s - 1
+        lines.append(
+            f"| egress guard costs < 5% at N=1000 | {cost:+.1%} wall, "
+            f"{guarded.cpu_us_per_request / bare.cpu_us_per_request - 1:+.1%} CPU | "
+            f"{'yes' if cost < 0.05 else 'no'} |"
         )
     big = find("http1", "gather", 5000, 0, 100, "aiohttp")
     if big:

@@ -30,7 +30,7 @@ from typing import Any
 from candidates import Candidate, make_candidates
 from servers import Server, http1_upstream, tls_upstream
 
-from fanout.engine import Strategy
+from fanout.engine import Outcome, Strategy
 
 RESULTS = Path(__file__).parent / "results"
 POOL = 100  # the template's default ceiling for the gather and semaphore functions
@@ -107,7 +107,7 @@ def measure(loop: asyncio.AbstractEventLoop, candidate: Candidate, server: Serve
         cpu += time.process_time() - cpu0
         upstream_cpu += server.cpu_s() - up0
         row.peak_rss_mb = max(row.peak_rss_mb, rss.peak / 2**20)
-        errors.update(o.error or f"HTTP {o.status}" for o in result.outcomes if not o.ok)
+        errors.update(_failure(o) for o in result.outcomes if o.value != 200)
         if result.elapsed_s > SLOW_RUN_S:
             row.note = f"{len(row.wall_s)} run(s): over {SLOW_RUN_S:g} s each"
             break
@@ -115,6 +115,10 @@ def measure(loop: asyncio.AbstractEventLoop, candidate: Candidate, server: Serve
     row.upstream_cpu_share = upstream_cpu / sum(row.wall_s)
     row.errors = dict(errors)
     return row
+
+
+def _failure(outcome: Outcome[int]) -> str:
+    return outcome.error or (f"skipped: {outcome.skipped}" if outcome.skipped else f"HTTP {outcome.value}")
 
 
 def strategy_matrix() -> list[tuple[str, int]]:
@@ -205,9 +209,9 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     ns = [10, 1000] if args.quick else [10, 100, 1000, 5000]
-    names = ["baseline", "httpx", "httpx2", "httpx-aiohttp", "aiohttp", "floor"]
+    names = ["baseline", "httpx", "httpx2", "httpx-aiohttp", "aiohttp", "aiohttp-unguarded", "floor"]
     if args.quick:
-        names = ["baseline", "httpx-aiohttp", "aiohttp", "floor"]
+        names = ["baseline", "httpx-aiohttp", "aiohttp", "aiohttp-unguarded", "floor"]
     loop = asyncio.new_event_loop()
     rows: list[Row] = []
     with http1_upstream() as server:

@@ -105,6 +105,56 @@ def test_sam_validate_lint_is_clean(sam: tuple[str, dict[str, str]]) -> None:
     assert "[W" not in done.stdout + done.stderr
 
 
+TRANSLATE = textwrap.dedent(
+    """
+    import json, sys
+    from samtranslator.translator.transform import transform
+    from samtranslator.yaml_helper import yaml_parse
+
+    class NoManagedPolicies:
+        def load(self):
+            return {}
+
+    template = yaml_parse(open(sys.argv[1]).read())
+    for resource in template["Resources"].values():  # what `sam deploy` uploads to S3 first
+        for key in ("CodeUri", "ContentUri"):
+            if key in resource.get("Properties", {}):
+                resource["Properties"][key] = "s3://bucket/key"
+    template["Globals"]["Function"]["CodeUri"] = "s3://bucket/key"
+    print(json.dumps(transform(template, json.loads(sys.argv[2]), NoManagedPolicies())))
+    """
+)
+
+
+@pytest.mark.sam
+def test_template_translates_to_what_a_deploy_creates(sam: tuple[str, dict[str, str]]) -> None:
+    """sam validate --lint accepts templates the translator then rejects at deploy: translate for real."""
+    cli, env = sam
+    python = str(Path(cli).with_name("python"))
+    params = json.dumps({"TargetUrl": "https://example.com"})
+    done = subprocess.run([python, "-c", TRANSLATE, str(TEMPLATE), params], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    resources = json.loads(done.stdout)["Resources"]
+    (api,) = [r for r in resources.values() if r["Type"] == "AWS::ApiGatewayV2::Api"]
+    routes = {
+        (verb.upper(), path): op["security"]
+        for path, ops in api["Properties"]["Body"]["paths"].items()
+        for verb, op in ops.items()
+    }
+    assert routes == {
+        route: [{"AWS_IAM": []}]
+        for route in [("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}"), ("POST", "/batch")]
+    }
+    functions = {name: r for name, r in resources.items() if r["Type"] == "AWS::Lambda::Function"}
+    assert set(functions) == {"SyncFunction", "GatherFunction", "SemaphoreFunction", "BatchFunction"}
+    batch = functions["BatchFunction"]["Properties"]["ReservedConcurrentExecutions"]
+    assert batch == {
+        "Fn::If": ["HasReservedBatchConcurrency", {"Ref": "BatchReservedConcurrency"}, {"Ref": "AWS::NoValue"}]
+    }
+    groups = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::Logs::LogGroup"]
+    assert len(groups) == 4 and all(g["RetentionInDays"] == {"Ref": "LogRetentionDays"} for g in groups)
+
+
 def _runtime_python() -> str | None:
     """A python3.13 that runs (pyenv's shim may exist without the version selected)."""
     found = shutil.which("python3.13")

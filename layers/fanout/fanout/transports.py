@@ -236,7 +236,7 @@ def _aiohttp_error_kind(exc: BaseException) -> str:
         (aiohttp.ClientPayloadError, "ReadError"),
         (aiohttp.ClientResponseError, "RemoteProtocolError"),
         (aiohttp.ClientOSError, "ReadError"),
-        (aiohttp.InvalidURL, "UnsupportedProtocol"),
+        (aiohttp.InvalidURL, "InvalidURL"),
         (TimeoutError, "Timeout"),
     ]
     return next((kind for cls, kind in kinds if isinstance(exc, cls)), type(exc).__name__)
