@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -30,41 +31,28 @@ TIMEOUT_S = 10.0
 
 
 class HttpxTransport(LoopBound):
-    """httpx's own pool; `http2=True` multiplexes over one TLS connection per host."""
+    """httpx's own pool (or httpx2's: same API); `http2=True` multiplexes over one TLS connection per host."""
 
-    def __init__(self, *, http2: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, http2: bool = False, library: ModuleType = httpx, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.http2 = http2
+        self.library = library
 
     async def get_status(self, url: str) -> int:
         try:
             response = await self._bound_client().get(url)
-        except httpx.HTTPError as exc:
+        except self.library.HTTPError as exc:
             raise RequestError(type(exc).__name__) from exc
         return response.status_code
 
-    def _open(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
-        return httpx.AsyncClient(
+    def _open(self) -> Any:
+        lib = self.library
+        limits = lib.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
+        return lib.AsyncClient(
             http2=self.http2,
             limits=limits,
-            timeout=httpx.Timeout(self.timeout_s, pool=None),
+            timeout=lib.Timeout(self.timeout_s, pool=None),
             verify=self.ssl_context or True,
-        )
-
-
-class Httpx2Transport(LoopBound):
-    async def get_status(self, url: str) -> int:
-        try:
-            response = await self._bound_client().get(url)
-        except httpx2.HTTPError as exc:
-            raise RequestError(type(exc).__name__) from exc
-        return response.status_code
-
-    def _open(self) -> httpx2.AsyncClient:
-        limits = httpx2.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
-        return httpx2.AsyncClient(
-            limits=limits, timeout=httpx2.Timeout(self.timeout_s, pool=None), verify=self.ssl_context or True
         )
 
 
@@ -187,7 +175,7 @@ def make_candidates(
     factories: dict[str, Callable[[], Candidate]] = {
         "baseline": lambda: Baseline(ssl_factory()),
         "httpx": lambda: Candidate("httpx", HttpxTransport(**common())),
-        "httpx2": lambda: Candidate("httpx2", Httpx2Transport(**common())),
+        "httpx2": lambda: Candidate("httpx2", HttpxTransport(library=httpx2, **common())),
         "httpx-aiohttp": lambda: Candidate("httpx-aiohttp", HttpxAiohttpTransport(**common())),
         "httpx-http2": lambda: Candidate("httpx-http2", HttpxTransport(http2=True, **common())),
         "aiohttp": lambda: Candidate("aiohttp", AiohttpTransport(allow_private=True, **common())),

@@ -12,14 +12,14 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from servers import Server
+
+from fanout_local.gateway import running_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = {10: 30, 1000: 5}
@@ -74,17 +74,8 @@ def via_handler(server: Server, n: int, latency_ms: int) -> dict[str, float]:
 
 
 def via_gateway(server: Server, n: int, latency_ms: int) -> dict[str, float]:
-    env = {**os.environ, "TargetUrl": f"{server.url}/delay?ms={latency_ms}", "SemaphoreMaxConcurrency": "100"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fanout_local.gateway", "--port", "0", "--no-upstream"],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert process.stdout is not None
-    base = next(line.split()[3] for line in process.stdout if line.startswith("fanout API on "))
-    try:
+    parameters = {"TargetUrl": f"{server.url}/delay?ms={latency_ms}", "SemaphoreMaxConcurrency": "100"}
+    with running_gateway(parameters) as (base, _process):
         url = f"{base}/async_sem/{n}/100"
         urllib.request.urlopen(url).read()  # warm-up
         walls, engines = [], []
@@ -94,10 +85,6 @@ def via_gateway(server: Server, n: int, latency_ms: int) -> dict[str, float]:
             walls.append((time.perf_counter() - started) * 1000)
             engines.append(body["elapsed_ms"])
         return _summary(walls, engines)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        process.stdout.close()
 
 
 def through_service(server: Server, ns: list[int]) -> list[dict[str, Any]]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +13,7 @@ from typing import Any
 import pytest
 
 from conftest import ROOT
+from fanout_local.gateway import running_gateway
 from fanout_local.template import Route, load_template, local_functions
 from fanout_local.upstream import LocalUpstream
 
@@ -53,30 +52,20 @@ def test_missing_required_parameter_says_how_to_set_it() -> None:
 
 @pytest.fixture
 def gateway(upstream: LocalUpstream) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    env = {**os.environ, "TargetUrl": f"{upstream.url}/delay?ms=5", "SemaphoreMaxConcurrency": "3"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fanout_local.gateway", "--port", "0", "--no-upstream"],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("fanout API on "):
-            yield line.split()[3], process
-            break
-    else:
-        pytest.fail("gateway did not start")
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=10)
-    process.stdout.close()
+    parameters = {
+        "TargetUrl": f"{upstream.url}/delay?ms=5",
+        "SemaphoreMaxConcurrency": "3",
+        "Upstreams": json.dumps({"local": {"url": upstream.url, "allow_http": True}}),
+    }
+    with running_gateway(parameters) as served:
+        yield served
 
 
-def get(url: str) -> tuple[int, dict[str, Any]]:
+def get(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -94,5 +83,7 @@ def test_gateway_serves_each_function_with_its_limits(
     assert (status, body["concurrency"], body["succeeded"]) == (200, 6, 6)
     assert get(f"{base}/sync/0")[0] == 422
     assert get(f"{base}/nowhere") == (404, {"message": "Not Found"})
+    status, body = get(f"{base}/batch", {"requests": [{"id": "a", "target": "local", "path": "/echo", "json": [1]}]})
+    assert (status, body["responses"][0]["status"], body["responses"][0]["body"]["body"]) == (200, 200, "[1]")
     process.send_signal(signal.SIGINT)  # Ctrl-C stops the gateway and its workers
     assert process.wait(timeout=15) == 0

@@ -4,8 +4,8 @@
 1. starts the bundled upstream (fanout_local.upstream) unless `--no-upstream`;
 2. reads template.yaml and starts one worker process per function, with that
    function's environment (Parameter defaults, each overridable from the shell
-   by its name, e.g. `SemaphoreMaxConcurrency=50`; `TargetUrl` defaults to the
-   bundled upstream);
+   by its name, e.g. `SemaphoreMaxConcurrency=50`; `TargetUrl`, and `Upstreams`
+   as the /batch target "local", default to the bundled upstream);
 3. serves http://127.0.0.1:3000, turning each request into an HTTP API v2 event
    for the function whose route matches, and the handler's answer back into HTTP.
 
@@ -117,6 +117,32 @@ def start_worker(function: LocalFunction, base_env: Mapping[str, str]) -> Iterat
         process.wait(timeout=10)
 
 
+@contextmanager
+def running_gateway(parameters: Mapping[str, str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """This gateway in a subprocess on a free port, without the bundled upstream: for tests and benchmarks.
+
+    `parameters` override template Parameters by name (e.g. TargetUrl). Yields the base URL and the process.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fanout_local.gateway", "--port", "0", "--no-upstream"],
+        env={**os.environ, **parameters},
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    try:
+        line = next((line for line in process.stdout if line.startswith("fanout API on ")), "")
+        if not line:
+            raise RuntimeError("the gateway exited before serving (see its error above)")
+        yield line.split()[3], process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=10)
+        process.stdout.close()
+
+
 def make_server(workers: list[Worker], host: str, port: int) -> ThreadingHTTPServer:
     class Gateway(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -168,7 +194,11 @@ def main() -> None:
 
     overrides = dict(os.environ)
     if not args.no_upstream:
-        overrides.setdefault("TargetUrl", f"http://127.0.0.1:{args.upstream_port}/delay")
+        bundled = f"http://127.0.0.1:{args.upstream_port}"
+        overrides.setdefault("TargetUrl", f"{bundled}/delay")
+        overrides.setdefault(
+            "Upstreams", json.dumps({"local": {"url": bundled, "allow_http": True, "max_redirects": 2}})
+        )
     # Local targets live on loopback; on Lambda this variable is never set (see fanout.egress).
     base_env = {"FANOUT_ALLOW_PRIVATE_NETWORKS": "true", **os.environ}
     template = load_template(args.template)
