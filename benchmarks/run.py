@@ -182,6 +182,40 @@ def _progress(row: Row) -> str:
     )
 
 
+GUARD_ROUNDS = 21
+
+
+def guard_cost(loop: asyncio.AbstractEventLoop, server: Server) -> dict[str, float]:
+    """What the egress guard costs: guarded and unguarded calls interleaved, so drift hits both alike.
+
+    Semaphore, N=1000, k=100, latency 0: the cell where per-request overhead shows most.
+    """
+    url = f"{server.url}/delay?ms=0"
+    guarded, bare = make_candidates(["aiohttp", "aiohttp-unguarded"], POOL)
+    walls: dict[str, list[float]] = {"guarded": [], "unguarded": []}
+    cpus: dict[str, list[float]] = {"guarded": [], "unguarded": []}
+    try:
+        for candidate in (guarded, bare):  # warm both pools
+            loop.run_until_complete(candidate.call(url, Strategy.SEMAPHORE, 1000, 100))
+        for round_ in range(GUARD_ROUNDS):
+            order = [("guarded", guarded), ("unguarded", bare)]
+            for name, candidate in order if round_ % 2 else order[::-1]:
+                cpu0 = time.process_time()
+                result = loop.run_until_complete(candidate.call(url, Strategy.SEMAPHORE, 1000, 100))
+                walls[name].append(result.elapsed_s)
+                cpus[name].append((time.process_time() - cpu0) / 1000 * 1e6)
+    finally:
+        for candidate in (guarded, bare):
+            loop.run_until_complete(candidate.aclose())
+    out = {f"{name}_ms": statistics.median(values) * 1000 for name, values in walls.items()}
+    out |= {f"{name}_cpu_us": statistics.median(values) for name, values in cpus.items()}
+    out["wall_ratio"] = out["guarded_ms"] / out["unguarded_ms"]
+    out["cpu_ratio"] = out["guarded_cpu_us"] / out["unguarded_cpu_us"]
+    out["rounds"] = GUARD_ROUNDS
+    print(f"guard    wall {out['wall_ratio']:.3f}x  cpu {out['cpu_ratio']:.3f}x", flush=True)
+    return out
+
+
 def tls_cold_and_warm(loop: asyncio.AbstractEventLoop, server: Server, ns: list[int]) -> list[Row]:
     """Semaphore k=100 over TLS: the first call on a new client (handshakes) and warm calls."""
     rows = run_matrix(
@@ -216,6 +250,7 @@ def main() -> None:
     rows: list[Row] = []
     with http1_upstream() as server:
         rows += run_matrix(loop, "http1", server, names, ns, [0, 50], strategy_matrix())
+        guard = guard_cost(loop, server)
         from service import through_service  # imports the handler: after the bare engine cells
 
         service_rows = through_service(server, ns=[10, 1000])
@@ -226,7 +261,7 @@ def main() -> None:
     from memory import memory_per_request
     from report import write_report
 
-    write_report(rows, service_rows, memory_per_request(), cold_start(), _machine(), RESULTS)
+    write_report(rows, service_rows, guard, memory_per_request(), cold_start(), _machine(), RESULTS)
 
 
 def _machine() -> dict[str, Any]:
