@@ -37,8 +37,8 @@ def _errors(errors: dict[str, int]) -> str:
 def matrix_table(rows: list[Any]) -> list[str]:
     lines = [
         "| section | strategy | N | L ms | k/pool | candidate | wall ms: median (min-max) | x floor | x baseline "
-        "| efficiency | client CPU us/req | errors | upstream CPU | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| efficiency | client CPU us/req | errors | upstream CPU | peak RSS MB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
     for row in rows:
@@ -50,7 +50,7 @@ def matrix_table(rows: list[Any]) -> list[str]:
             if not row.wall_s:
                 lines.append(
                     f"| {' | '.join(map(str, key[:2]))} | {row.n} | {row.latency_ms} | {row.k} | "
-                    f"{row.candidate} | - | - | - | - | - | - | - | {row.note} |"
+                    f"{row.candidate} | - | - | - | - | - | - | - | - | {row.note} |"
                 )
                 continue
             efficiency = f"{row.efficiency:.2f}" if row.efficiency else "-"
@@ -58,7 +58,8 @@ def matrix_table(rows: list[Any]) -> list[str]:
                 f"| {row.section} | {row.strategy} | {row.n} | {row.latency_ms} | {row.k} | {row.candidate} | "
                 f"{_ms(row.median_s)} ({_ms(min(row.wall_s))}-{_ms(max(row.wall_s))}) | "
                 f"{_ratio(row.median_s, floor)} | {_ratio(row.median_s, baseline)} | {efficiency} | "
-                f"{row.cpu_us_per_request:,.0f} | {_errors(row.errors)} | {row.upstream_cpu_share:.0%} | {row.note} |"
+                f"{row.cpu_us_per_request:,.0f} | {_errors(row.errors)} | {row.upstream_cpu_share:.0%} | "
+                f"{row.peak_rss_mb:.0f} | {row.note} |"
             )
     return lines
 
@@ -233,3 +234,22 @@ def write_report(
             default=str,
         )
     )
+
+
+def rerender(results_json: Path) -> None:
+    """Write results.md and the plot again from a run's results.json (no new measurement)."""
+    from run import Row
+
+    data = json.loads(results_json.read_text())
+    fields = set(Row.__dataclass_fields__)
+    rows = [Row(**{key: value for key, value in row.items() if key in fields}) for row in data["matrix"]]
+    memory = data["memory"] | {
+        key: {int(n): v for n, v in data["memory"][key].items()} for key in ("growth_bytes", "failed")
+    }
+    write_report(rows, data["service"], data["guard"], memory, data["cold_start"], data["machine"], results_json.parent)
+
+
+if __name__ == "__main__":
+    import sys
+
+    rerender(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "results.json")
