@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from conftest import lambda_context, load_event
+from fanout.batch import retry_after_s
+from fanout.transports import UpstreamResponse
 from fanout_local.upstream import LocalUpstream
 
 
@@ -81,6 +83,14 @@ def test_retry_after_is_honoured(form: str, handler: Any, upstream: LocalUpstrea
     assert (body["responses"][0]["status"], body["responses"][0]["attempts"]) == (200, 2)
     # seconds: 1 s; an HTTP date has whole-second resolution, so 0-2 s. Tolerant bounds.
     assert (0.8 if form == "seconds" else 0.0) <= waited < 3.0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("3", 3.0), ("0", 0.0), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)]
+)
+def test_retry_after_values(value: str, seconds: float | None) -> None:
+    response = UpstreamResponse(status=429, headers={"retry-after": value}, body=b"", truncated=False)
+    assert retry_after_s(response) == seconds  # a date in the past means: now
 
 
 def test_retry_after_beyond_the_budget_returns_the_429_in_time(handler: Any) -> None:

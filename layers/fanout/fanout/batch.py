@@ -81,7 +81,7 @@ class BatchRun:
 
 def retry_after_s(response: UpstreamResponse) -> float | None:
     """Retry-After in seconds, from delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
-    value = response.headers.get("Retry-After") or response.headers.get("retry-after")
+    value = response.headers.get("retry-after")
     if not value:
         return None
     if value.strip().isdigit():

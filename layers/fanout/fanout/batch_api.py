@@ -210,10 +210,8 @@ def _response_json(report: ItemReport) -> dict[str, Any]:
     if report.response is not None:
         response = report.response
         out["status"] = response.status
-        out["headers"] = {
-            k.lower(): v for k, v in response.headers.items() if k.lower() not in DROPPED_RESPONSE_HEADERS
-        }
-        out.update(_decode_body(response.body, response.headers.get("Content-Type", ""), response.truncated))
+        out["headers"] = {k: v for k, v in response.headers.items() if k not in DROPPED_RESPONSE_HEADERS}
+        out.update(_decode_body(response.body, response.headers.get("content-type", ""), response.truncated))
     elif report.skipped is not None:
         out["skipped"] = report.skipped
     else:

@@ -92,10 +92,9 @@ CHUNK_BYTES = 64 * 1024
 @dataclass(frozen=True, slots=True)
 class UpstreamResponse:
     status: int
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     body: bytes
     truncated: bool  # the body was longer than the cap and was cut there
-    url: str  # after redirects
 
 
 class AiohttpTransport(LoopBound):
@@ -156,10 +155,9 @@ class AiohttpTransport(LoopBound):
                     data, truncated = await _read_capped(response, max_body_bytes)
                     return UpstreamResponse(
                         status=response.status,
-                        headers=dict(response.headers),
+                        headers={name.lower(): value for name, value in response.headers.items()},
                         body=data,
                         truncated=truncated,
-                        url=str(current),
                     )
         except RequestError:
             raise
