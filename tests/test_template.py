@@ -135,16 +135,28 @@ def test_template_translates_to_what_a_deploy_creates(sam: tuple[str, dict[str, 
     done = subprocess.run([python, "-c", TRANSLATE, str(TEMPLATE), params], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     resources = json.loads(done.stdout)["Resources"]
-    (api,) = [r for r in resources.values() if r["Type"] == "AWS::ApiGatewayV2::Api"]
     routes = {
-        (verb.upper(), path): op["security"]
-        for path, ops in api["Properties"]["Body"]["paths"].items()
-        for verb, op in ops.items()
+        r["Properties"]["RouteKey"]: r["Properties"]
+        for r in resources.values()
+        if r["Type"] == "AWS::ApiGatewayV2::Route"
     }
-    assert routes == {
-        route: [{"AWS_IAM": []}]
-        for route in [("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}"), ("POST", "/batch")]
+    assert set(routes) == {"GET /sync/{n}", "GET /async/{n}", "GET /async_sem/{n}/{k}", "POST /batch"}
+    for route in routes.values():  # AuthMode picks IAM (default) or the JWT authorizer, route by route
+        assert route["AuthorizationType"] == {"Fn::If": ["UseJwt", "JWT", "AWS_IAM"]}
+        assert route["AuthorizerId"] == {"Fn::If": ["UseJwt", {"Ref": "JwtAuthorizer"}, {"Ref": "AWS::NoValue"}]}
+    authorizer = resources["JwtAuthorizer"]
+    assert authorizer["Condition"] == "UseJwt"
+    assert authorizer["Properties"]["JwtConfiguration"] == {
+        "Issuer": {"Ref": "JwtIssuer"},
+        "Audience": {"Ref": "JwtAudience"},
     }
+    stage = resources["FanoutApiStage"]["Properties"]
+    assert stage["DefaultRouteSettings"] == {
+        "ThrottlingBurstLimit": {"Ref": "ThrottlingBurstLimit"},
+        "ThrottlingRateLimit": {"Ref": "ThrottlingRateLimit"},
+    }
+    permissions = [r for r in resources.values() if r["Type"] == "AWS::Lambda::Permission"]
+    assert len(permissions) == 4 and all("Condition" not in p for p in permissions)
     functions = {name: r for name, r in resources.items() if r["Type"] == "AWS::Lambda::Function"}
     assert set(functions) == {"SyncFunction", "GatherFunction", "SemaphoreFunction", "BatchFunction"}
     batch = functions["BatchFunction"]["Properties"]["ReservedConcurrentExecutions"]

@@ -1,8 +1,10 @@
 """Read template.yaml the way `sam local start-api` does: functions, their routes, their environment.
 
 Only what the local gateway needs: each `AWS::Serverless::Function` with its
-handler, code directory, HttpApi routes and environment (Globals merged in,
-`!Ref`/`!Sub` of Parameters resolved from their defaults or from overrides).
+handler, code directory, routes and environment (Globals merged in, `!Ref`/`!Sub`
+of Parameters resolved from their defaults or from overrides). Routes come from
+HttpApi events or from `AWS::ApiGatewayV2::Route` resources whose target is an
+integration with the function.
 """
 
 from __future__ import annotations
@@ -79,9 +81,26 @@ def parameter_values(template: Mapping[str, Any], overrides: Mapping[str, str]) 
     return values
 
 
+def _api_routes(resources: Mapping[str, Any]) -> dict[str, list[Route]]:
+    """Function name -> its routes, from AWS::ApiGatewayV2::Route -> Integration -> function."""
+    routes: dict[str, list[Route]] = {}
+    for resource in resources.values():
+        if resource.get("Type") != "AWS::ApiGatewayV2::Route":
+            continue
+        props = resource["Properties"]
+        method, path = props["RouteKey"].split(" ", 1)
+        target = props["Target"]["Fn::Sub"] if isinstance(props["Target"], dict) else props["Target"]
+        integration = resources[re.fullmatch(r"integrations/\$\{(\w+)\}", target).group(1)]  # type: ignore[union-attr]
+        uri = integration["Properties"]["IntegrationUri"]
+        function = (uri.get("Fn::GetAtt") or "").split(".")[0] if isinstance(uri, dict) else ""
+        routes.setdefault(function, []).append(Route(method=method.upper(), path=path))
+    return routes
+
+
 def local_functions(template: Mapping[str, Any], root: Path, overrides: Mapping[str, str]) -> list[LocalFunction]:
     params = parameter_values(template, overrides)
     defaults = template.get("Globals", {}).get("Function", {})
+    api_routes = _api_routes(template.get("Resources", {}))
     functions = []
     for name, resource in template.get("Resources", {}).items():
         if resource.get("Type") != "AWS::Serverless::Function":
@@ -95,7 +114,7 @@ def local_functions(template: Mapping[str, Any], root: Path, overrides: Mapping[
             Route(method=event["Properties"]["Method"].upper(), path=event["Properties"]["Path"])
             for event in resource.get("Properties", {}).get("Events", {}).values()
             if event.get("Type") == "HttpApi"
-        )
+        ) + tuple(api_routes.get(name, []))
         functions.append(
             LocalFunction(
                 name=name,
