@@ -14,6 +14,11 @@ shared 100.64/10, 0/8, multicast, reserved, IPv6 loopback/link-local/ULA, and th
 IPv4 addresses hidden in IPv4-mapped, 6to4 and Teredo forms. Local runs and tests
 need loopback: `allow_private=True` (FANOUT_ALLOW_PRIVATE_NETWORKS), never set in
 template.yaml. The Lambda runtime API stays refused even then.
+
+Why our own: the maintained SSRF libraries looked at (drawbridge, egressweave,
+httpx-secure) each wrap httpx; none plugs into aiohttp's connector, which the
+benchmarks chose. aiohttp's resolver hook is the one place that sees every
+connection, so the check is a resolver, tested for every range above.
 """
 
 from __future__ import annotations
