@@ -274,6 +274,19 @@ def test_authorization_passes_only_where_the_target_allows(make_handler: Any) ->
     assert body["responses"][0]["body"]["headers"]["authorization"] == "Bearer t"
 
 
+def test_callers_content_type_is_sent_once_with_a_json_body(handler: Any) -> None:
+    request = {
+        "id": "a",
+        "target": "up",
+        "path": "/echo",
+        "json": {"a": 1},
+        "headers": {"Content-Type": "application/merge-patch+json"},
+    }
+    _, body = post(handler, {"requests": [request]})
+    echoed = body["responses"][0]["body"]
+    assert echoed["headers"]["content-type"] == "application/merge-patch+json"
+
+
 def test_oversized_body_is_413(make_handler: Any, upstream: LocalUpstream) -> None:
     handler = make_handler(FANOUT_MAX_BODY_BYTES="2048")
     status, body = post(handler, {"requests": [{"id": "a" * 100, "target": "up", "body": "x" * 3000}]})

@@ -141,7 +141,8 @@ def _to_item(index: int, item: BatchRequestItem, settings: Settings) -> BatchIte
     body: bytes | None = None
     if "json_body" in item.model_fields_set:
         body = json.dumps(item.json_body).encode()
-        headers.setdefault("content-type", "application/json")
+        if not any(name.lower() == "content-type" for name in headers):  # the caller's own wins, sent once
+            headers["content-type"] = "application/json"
     elif item.body is not None:
         body = item.body.encode()
     return BatchItem(
