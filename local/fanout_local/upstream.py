@@ -47,9 +47,6 @@ class UpstreamStats:
     peak_in_flight: int = 0
     requests_with_cookie: int = 0
 
-    def reset(self) -> None:
-        self.connections = self.requests = self.peak_in_flight = self.requests_with_cookie = 0
-
 
 class LocalUpstream:
     def __init__(
@@ -131,7 +128,7 @@ class LocalUpstream:
         self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
         try:
             if url.path == "/delay":
-                delay_ms = float(parse_qs(url.query).get("ms", [self.delay_ms])[0])
+                delay_ms = float(query.get("ms", self.delay_ms))
                 await asyncio.sleep(delay_ms / 1000)
                 writer.write(_response(200, {"delay_ms": delay_ms}, keep_alive))
             elif url.path.startswith("/status/"):

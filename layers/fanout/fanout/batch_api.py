@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from yarl import URL
 
 from fanout.batch import BatchItem, BatchRun, ItemReport
-from fanout.engine import Strategy
+from fanout.engine import RequestError, Strategy
 from fanout.settings import ENV_PREFIX, Settings, UpstreamTarget
 
 #: Request headers a caller may set; anything else is refused with a 422 naming it.
@@ -172,8 +172,6 @@ def target_url(target: UpstreamTarget, path: str, query: dict[str, Any]) -> URL:
 
 def check_scheme(target: UpstreamTarget, url: URL) -> None:
     """A redirect may only go to https (or http if the target allows it)."""
-    from fanout.engine import RequestError
-
     allowed = {"https", "http"} if target.allow_http else {"https"}
     if url.scheme not in allowed:
         raise RequestError("RedirectRefused", f"redirect to {url.scheme}: is not allowed for this target")
