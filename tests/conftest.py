@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib.util
 import json
+import sys
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
+from aws_lambda_powertools import Logger
 
+from fanout.observability import DEFAULT_SERVICE
 from fanout_local.upstream import LocalUpstream, running_in_thread
 from fanout_local.worker import LocalContext
 
@@ -35,6 +39,17 @@ def lambda_context() -> LocalContext:
     return LocalContext(function_name="test", timeout_s=30)
 
 
+def post_batch(
+    handler: Any, body: dict[str, Any], *, context: LocalContext | None = None
+) -> tuple[int, dict[str, Any]]:
+    """The batch event file with another body, through the handler (Mangum and the app)."""
+    event = copy.deepcopy(load_event("batch-http-api-v2.json"))
+    event["body"] = json.dumps(body)
+    event["headers"]["content-length"] = str(len(event["body"]))
+    response = handler(event, context or lambda_context())
+    return response["statusCode"], json.loads(response["body"])
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run on a private loop, leaving the thread's current loop (the handler's) alone."""
     loop = asyncio.new_event_loop()
@@ -42,6 +57,21 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return loop.run_until_complete(coro)
     finally:
         loop.close()
+
+
+class _CurrentStdout:
+    """Writes to whatever sys.stdout is now, so capsys sees the logs of the test it runs in."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+# The first Powertools Logger of a service sets its handler for the whole process (later ones
+# reuse it), and test modules build apps while they are collected: so create it here, first.
+Logger(service=DEFAULT_SERVICE, stream=_CurrentStdout())  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -68,7 +98,7 @@ def import_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     yield cold_start
     for module, loop in loaded:  # each container ends: close its client, then its loop
-        loop.run_until_complete(module.handler.app.state.transport.aclose())
+        loop.run_until_complete(module.app.state.transport.aclose())
         loop.close()
     if loaded:
         asyncio.set_event_loop(None)

@@ -9,19 +9,10 @@ from typing import Any
 
 import pytest
 
-from conftest import lambda_context, load_event
+from conftest import lambda_context, load_event, post_batch
 from fanout.batch import retry_after_s
 from fanout.transports import UpstreamResponse
 from fanout_local.upstream import LocalUpstream
-
-
-def post(handler: Any, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """The batch event file with another body, through Mangum and the app."""
-    event = copy.deepcopy(load_event("batch-http-api-v2.json"))
-    event["body"] = json.dumps(body)
-    event["headers"]["content-length"] = str(len(event["body"]))
-    response = handler(event, lambda_context())
-    return response["statusCode"], json.loads(response["body"])
 
 
 def get(path: str, **query: Any) -> dict[str, Any]:
@@ -47,7 +38,7 @@ def attempts_seen(upstream: LocalUpstream, key: str) -> int:
 
 
 def test_503_then_success_is_retried(handler: Any, upstream: LocalUpstream) -> None:
-    status, body = post(handler, {"requests": [get("/flaky", key="f1", fail=2, status=503)]})
+    status, body = post_batch(handler, {"requests": [get("/flaky", key="f1", fail=2, status=503)]})
     (item,) = body["responses"]
     assert status == 200
     assert (item["status"], item["attempts"], attempts_seen(upstream, "f1")) == (200, 3, 3)
@@ -55,7 +46,7 @@ def test_503_then_success_is_retried(handler: Any, upstream: LocalUpstream) -> N
 
 def test_post_without_idempotency_key_is_never_retried(handler: Any, upstream: LocalUpstream) -> None:
     request = {"id": "p", "method": "POST", "target": "up", "path": "/flaky", "query": {"key": "p1"}, "json": {}}
-    _, body = post(handler, {"requests": [request]})
+    _, body = post_batch(handler, {"requests": [request]})
     assert (body["responses"][0]["status"], body["responses"][0]["attempts"]) == (503, 1)
     assert attempts_seen(upstream, "p1") == 1
 
@@ -70,7 +61,7 @@ def test_post_with_idempotency_key_is_retried(handler: Any, upstream: LocalUpstr
         "json": {},
         "idempotency_key": "k-1",
     }
-    _, body = post(handler, {"requests": [request]})
+    _, body = post_batch(handler, {"requests": [request]})
     assert (body["responses"][0]["status"], body["responses"][0]["attempts"]) == (200, 2)
 
 
@@ -78,7 +69,7 @@ def test_post_with_idempotency_key_is_retried(handler: Any, upstream: LocalUpstr
 def test_retry_after_is_honoured(form: str, handler: Any, upstream: LocalUpstream) -> None:
     query = {"key": f"r-{form}", "s": 1} | ({"date": 1} if form == "date" else {})
     started = time.monotonic()
-    _, body = post(handler, {"requests": [get("/retry-after", **query)]})
+    _, body = post_batch(handler, {"requests": [get("/retry-after", **query)]})
     waited = time.monotonic() - started
     assert (body["responses"][0]["status"], body["responses"][0]["attempts"]) == (200, 2)
     # seconds: 1 s; an HTTP date has whole-second resolution, so 0-2 s. Tolerant bounds.
@@ -95,13 +86,13 @@ def test_retry_after_values(value: str, seconds: float | None) -> None:
 
 def test_retry_after_beyond_the_budget_returns_the_429_in_time(handler: Any) -> None:
     started = time.monotonic()
-    _, body = post(handler, {"deadline_s": 1.5, "requests": [get("/retry-after", key="long", s=30)]})
+    _, body = post_batch(handler, {"deadline_s": 1.5, "requests": [get("/retry-after", key="long", s=30)]})
     assert time.monotonic() - started < 1.5
     assert (body["responses"][0]["status"], body["responses"][0]["attempts"]) == (429, 1)
 
 
 def test_connection_reset_is_retried_then_reported(handler: Any, upstream: LocalUpstream) -> None:
-    _, body = post(handler, {"requests": [get("/reset")]})
+    _, body = post_batch(handler, {"requests": [get("/reset")]})
     (item,) = body["responses"]
     assert item["error"]["type"] == "RemoteProtocolError"
     assert item["attempts"] == 3
@@ -110,20 +101,20 @@ def test_connection_reset_is_retried_then_reported(handler: Any, upstream: Local
 
 
 def test_body_cut_mid_stream_is_a_read_error(handler: Any) -> None:
-    _, body = post(handler, {"requests": [get("/cut")]})
+    _, body = post_batch(handler, {"requests": [get("/cut")]})
     assert (body["responses"][0]["error"]["type"], body["responses"][0]["attempts"]) == ("ReadError", 3)
 
 
 def test_hang_past_the_timeout_is_a_read_timeout(make_handler: Any) -> None:
     handler = make_handler(FANOUT_REQUEST_TIMEOUT_S="0.2", FANOUT_MAX_ATTEMPTS="2")
-    _, body = post(handler, {"requests": [get("/hang")]})
+    _, body = post_batch(handler, {"requests": [get("/hang")]})
     assert (body["responses"][0]["error"]["type"], body["responses"][0]["attempts"]) == ("ReadTimeout", 2)
 
 
 def test_deadline_is_met_and_every_request_accounted(handler: Any) -> None:
     requests = [{"id": str(i), "target": "up", "path": "/hang"} for i in range(6)]
     started = time.monotonic()
-    status, body = post(handler, {"concurrency": 2, "deadline_s": 0.5, "requests": requests})
+    status, body = post_batch(handler, {"concurrency": 2, "deadline_s": 0.5, "requests": requests})
     assert time.monotonic() - started < 1.5
     assert status == 200
     assert [item["id"] for item in body["responses"]] == [str(i) for i in range(6)]
@@ -165,14 +156,14 @@ def test_bodies_are_cut_at_the_item_cap(
     path: str, query: dict[str, Any], expected: dict[str, Any], make_handler: Any
 ) -> None:
     handler = make_handler(FANOUT_MAX_ITEM_BYTES="1000")
-    _, body = post(handler, {"requests": [get(path, **query)]})
+    _, body = post_batch(handler, {"requests": [get(path, **query)]})
     item = body["responses"][0]
     assert {key: item.get(key) for key in expected} == expected
     assert ("truncated" in item) == ("truncated" in expected)
 
 
 def test_binary_bodies_come_back_as_base64(handler: Any) -> None:
-    _, body = post(handler, {"requests": [get("/bytes", n=300)]})
+    _, body = post_batch(handler, {"requests": [get("/bytes", n=300)]})
     item = body["responses"][0]
     assert item["encoding"] == "base64"
     assert len(item["body"]) == 400  # 300 bytes
@@ -184,7 +175,7 @@ def test_response_over_the_cap_drops_largest_bodies_first(make_handler: Any) -> 
     requests = [
         {"id": str(n), "target": "up", "path": "/bytes", "query": {"n": n, "type": "text/plain"}} for n in sizes
     ]
-    status, body = post(handler, {"requests": requests})
+    status, body = post_batch(handler, {"requests": requests})
     assert status == 200
     dropped = [item["id"] for item in body["responses"] if item.get("body_dropped")]
     assert dropped == ["12000"]
@@ -194,7 +185,7 @@ def test_response_over_the_cap_drops_largest_bodies_first(make_handler: Any) -> 
 
 def test_fail_fast_skips_the_rest(handler: Any) -> None:
     requests = [get("/delay", ms=1), get("/status/500"), get("/delay", ms=2), get("/delay", ms=3)]
-    _, body = post(handler, {"strategy": "sync", "fail_fast": True, "requests": requests})
+    _, body = post_batch(handler, {"strategy": "sync", "fail_fast": True, "requests": requests})
     assert [item.get("status") for item in body["responses"]] == [200, 500, None, None]
     assert [item.get("skipped") for item in body["responses"]] == [None, None, "fail_fast", "fail_fast"]
 
@@ -204,7 +195,7 @@ def test_tolerated_failure_percentage_sets_the_envelope_status(
     tolerated: float | None, status: int, handler: Any
 ) -> None:
     requests = [get("/delay", ms=1), get("/status/500"), get("/delay", ms=2), get("/delay", ms=3)]
-    answered, body = post(handler, {"tolerated_failure_percentage": tolerated, "requests": requests})
+    answered, body = post_batch(handler, {"tolerated_failure_percentage": tolerated, "requests": requests})
     assert answered == status
     assert body["summary"]["failed"] == 1
 
@@ -212,7 +203,7 @@ def test_tolerated_failure_percentage_sets_the_envelope_status(
 def test_per_host_cap_bounds_requests_in_flight(make_handler: Any, upstream: LocalUpstream) -> None:
     handler = make_handler(FANOUT_MAX_PER_HOST="2", FANOUT_MAX_CONCURRENCY="10")
     requests = [{"id": str(i), "target": "up", "path": "/delay", "query": {"ms": 30}} for i in range(10)]
-    _, body = post(handler, {"concurrency": 10, "requests": requests})
+    _, body = post_batch(handler, {"concurrency": 10, "requests": requests})
     assert body["summary"]["succeeded"] == 10
     assert upstream.stats.peak_in_flight == 2
 
@@ -221,7 +212,7 @@ def test_rate_limit_spaces_out_starts(make_handler: Any) -> None:
     handler = make_handler(FANOUT_RATE_PER_S="5")
     requests = [{"id": str(i), "target": "up", "path": "/delay", "query": {"ms": 0}} for i in range(15)]
     started = time.monotonic()
-    _, body = post(handler, {"concurrency": 8, "requests": requests})
+    _, body = post_batch(handler, {"concurrency": 8, "requests": requests})
     # A bucket of 5 lets 5 go at once, then 5 per second: about 2 s for 15. Generous bounds.
     assert 1.5 <= time.monotonic() - started < 5
     assert body["summary"]["succeeded"] == 15
@@ -229,16 +220,16 @@ def test_rate_limit_spaces_out_starts(make_handler: Any) -> None:
 
 def test_redirects_are_not_followed_unless_the_target_allows(make_handler: Any, upstream: LocalUpstream) -> None:
     hop = {"id": "r", "target": "up", "path": "/redirect", "query": {"to": "/delay?ms=1"}}
-    _, body = post(make_handler(), {"requests": [hop]})
+    _, body = post_batch(make_handler(), {"requests": [hop]})
     assert body["responses"][0]["status"] == 302
-    _, body = post(make_handler({"max_redirects": 1}), {"requests": [hop]})
+    _, body = post_batch(make_handler({"max_redirects": 1}), {"requests": [hop]})
     assert (body["responses"][0]["status"], body["responses"][0]["body"]) == (200, {"delay_ms": 1.0})
 
 
 @pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://example.com/x", "gopher://127.0.0.1/"])
 def test_redirect_to_another_scheme_is_refused(location: str, make_handler: Any) -> None:
     hop = {"id": "r", "target": "up", "path": "/redirect", "query": {"to": location}}
-    _, body = post(make_handler({"max_redirects": 3}), {"requests": [hop]})
+    _, body = post_batch(make_handler({"max_redirects": 3}), {"requests": [hop]})
     assert body["responses"][0]["error"]["type"] == "RedirectRefused"
 
 
@@ -262,7 +253,7 @@ def test_redirect_to_another_scheme_is_refused(location: str, make_handler: Any)
 def test_bad_batches_are_422_naming_the_field(change: Any, message: str, handler: Any, upstream: LocalUpstream) -> None:
     batch = {"requests": [{"id": "a", "target": "up", "path": "/delay"}]}
     change(batch)
-    status, body = post(handler, batch)
+    status, body = post_batch(handler, batch)
     assert status == 422
     assert message in body["message"]
     assert upstream.stats.requests == 0
@@ -270,7 +261,7 @@ def test_bad_batches_are_422_naming_the_field(change: Any, message: str, handler
 
 def test_authorization_passes_only_where_the_target_allows(make_handler: Any) -> None:
     request = {"id": "a", "target": "up", "path": "/echo", "headers": {"Authorization": "Bearer t"}}
-    _, body = post(make_handler({"forward_authorization": True}), {"requests": [request]})
+    _, body = post_batch(make_handler({"forward_authorization": True}), {"requests": [request]})
     assert body["responses"][0]["body"]["headers"]["authorization"] == "Bearer t"
 
 
@@ -282,14 +273,14 @@ def test_callers_content_type_is_sent_once_with_a_json_body(handler: Any) -> Non
         "json": {"a": 1},
         "headers": {"Content-Type": "application/merge-patch+json"},
     }
-    _, body = post(handler, {"requests": [request]})
+    _, body = post_batch(handler, {"requests": [request]})
     echoed = body["responses"][0]["body"]
     assert echoed["headers"]["content-type"] == "application/merge-patch+json"
 
 
 def test_oversized_body_is_413(make_handler: Any, upstream: LocalUpstream) -> None:
     handler = make_handler(FANOUT_MAX_BODY_BYTES="2048")
-    status, body = post(handler, {"requests": [{"id": "a" * 100, "target": "up", "body": "x" * 3000}]})
+    status, body = post_batch(handler, {"requests": [{"id": "a" * 100, "target": "up", "body": "x" * 3000}]})
     assert status == 413
     assert "at most 2048 (FANOUT_MAX_BODY_BYTES)" in body["detail"]
     assert upstream.stats.requests == 0

@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
-from test_batch import post
 
-from conftest import run
+from conftest import post_batch, run
 from fanout.egress import EgressPolicy, EgressRefused, GuardedResolver, refusal
 from fanout.engine import RequestError
 from fanout.transports import make_transport
@@ -138,7 +137,7 @@ def test_lambda_runtime_api_is_unreachable_even_when_private_is_allowed(
 def test_private_targets_are_refused_by_default(listener: LocalUpstream, import_handler: Any) -> None:
     upstreams = {"inside": {"url": listener.url, "allow_http": True}}
     handler = import_handler(FANOUT_UPSTREAMS=json.dumps(upstreams), FANOUT_ALLOW_PRIVATE_NETWORKS="false").handler
-    _, body = post(handler, {"requests": [{"id": "x", "target": "inside", "path": "/delay"}]})
+    _, body = post_batch(handler, {"requests": [{"id": "x", "target": "inside", "path": "/delay"}]})
     assert body["responses"][0]["error"]["type"] == "ForbiddenAddress"
     assert body["responses"][0]["attempts"] == 1  # a refusal is final, never retried
     assert listener.stats.connections == 0
@@ -157,6 +156,6 @@ def test_redirect_into_a_forbidden_address_is_refused(
             {"id": "direct", "target": "up", "path": "/redirect", "query": {"to": inside}},
             {"id": "chained", "target": "up", "path": "/redirect", "query": {"to": chain}},
         ]
-        _, body = post(handler, {"requests": requests})
+        _, body = post_batch(handler, {"requests": requests})
         assert [item["error"]["type"] for item in body["responses"]] == ["ForbiddenAddress"] * 2
         assert runtime_api.stats.connections == 0

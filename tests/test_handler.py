@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -49,13 +50,18 @@ def local_upstreams(upstream: LocalUpstream) -> str:
 
 
 @pytest.fixture
-def handler(upstream: LocalUpstream, import_handler: Any) -> Any:
-    module = import_handler(
+def entry(upstream: LocalUpstream, import_handler: Any) -> ModuleType:
+    """functions/api/app.py after a cold start: its `handler`, and the `app` behind it."""
+    return import_handler(
         FANOUT_TARGET_URL=f"{upstream.url}/delay?ms=5",
         FANOUT_MAX_CONCURRENCY=str(LIMIT),
         FANOUT_UPSTREAMS=local_upstreams(upstream),
     )
-    return module.handler
+
+
+@pytest.fixture
+def handler(entry: ModuleType) -> Any:
+    return entry.handler
 
 
 @pytest.mark.parametrize("name", [name for name in event_files() if name.startswith("batch-")])
@@ -95,16 +101,17 @@ def test_every_event_file_answers_200(name: str, handler: Any, upstream: LocalUp
     assert upstream.stats.peak_in_flight <= expected_concurrency
 
 
-def test_two_warm_invocations_share_loop_pool_and_connections(handler: Any, upstream: LocalUpstream) -> None:
+def test_two_warm_invocations_share_loop_pool_and_connections(entry: ModuleType, upstream: LocalUpstream) -> None:
+    handler, transport = entry.handler, entry.app.state.transport
     event = load_event("async_sem-http-api-v2.json")
     assert invoke(handler, event)[0] == 200
-    client = handler.app.state.transport.client_if_open
+    client = transport.client_if_open
     opened = upstream.stats.connections
     assert opened == LIMIT
     status, body = invoke(handler, event)
     assert status == 200 and body["succeeded"] == 20
     assert upstream.stats.connections == opened  # the second call opened no connection
-    assert handler.app.state.transport.client_if_open is client
+    assert transport.client_if_open is client
     assert not asyncio.get_event_loop().is_closed()
 
 

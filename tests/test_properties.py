@@ -14,8 +14,8 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
-from test_batch import post
 
+from conftest import post_batch
 from fanout.app import create_app
 from fanout.settings import Settings, UpstreamTarget
 from fanout_local.upstream import LocalUpstream, running_in_thread
@@ -53,7 +53,7 @@ def test_every_request_comes_back_once_in_order(
 ) -> None:
     handler = _handler(shared_upstream, import_handler)
     body = {**batch, "requests": [{"id": id_, **item} for id_, item in batch["requests"]]}
-    status, answer = post(handler, body)
+    status, answer = post_batch(handler, body)
     assert status in (200, 502)
     assert [item["id"] for item in answer["responses"]] == [id_ for id_, _ in batch["requests"]]
     for item in answer["responses"]:

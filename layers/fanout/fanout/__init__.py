@@ -4,6 +4,7 @@ Modules, arrows pointing one way:
 - `engine`: the three strategies under a deadline (asyncio only);
 - `transports`: the pooled HTTP clients that carry the engine's requests;
 - `settings`: per-function limits from `FANOUT_*` environment variables;
+- `observability`: logs, EMF metrics and spans of each call (Powertools, OpenTelemetry);
 - `app`: the FastAPI routes over the engine;
 - `lambda_loop`: the one event loop a Lambda container keeps for Mangum.
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from fanout.app import create_app
     from fanout.engine import FanoutResult, Outcome, Strategy, fan_out
     from fanout.lambda_loop import install_event_loop
+    from fanout.observability import Telemetry, observe_invocations
     from fanout.settings import ConfigError, Settings, load_settings
 
 _HOMES = {
@@ -29,6 +31,8 @@ _HOMES = {
     "Strategy": "fanout.engine",
     "fan_out": "fanout.engine",
     "install_event_loop": "fanout.lambda_loop",
+    "Telemetry": "fanout.observability",
+    "observe_invocations": "fanout.observability",
     "ConfigError": "fanout.settings",
     "Settings": "fanout.settings",
     "load_settings": "fanout.settings",
@@ -40,10 +44,12 @@ __all__ = [
     "Outcome",
     "Settings",
     "Strategy",
+    "Telemetry",
     "create_app",
     "fan_out",
     "install_event_loop",
     "load_settings",
+    "observe_invocations",
 ]
 
 

@@ -5,6 +5,7 @@ Validation happens here, before any work: `n` above the function's
 """
 
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Path, Request
 from fastapi.encoders import jsonable_encoder
@@ -13,7 +14,8 @@ from fastapi.responses import JSONResponse
 
 from fanout.batch import BatchRunner
 from fanout.batch_api import add_batch_route
-from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Strategy, fan_out
+from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Outcome, Strategy, fan_out
+from fanout.observability import CallReport, Telemetry, UpstreamRecord, call_span, traced_attempt
 from fanout.settings import Settings, load_settings
 from fanout.transports import AiohttpTransport, make_transport
 
@@ -24,9 +26,16 @@ _DESCRIBED = {
 }
 
 
-def create_app(settings: Settings | None = None, transport: AiohttpTransport | None = None) -> FastAPI:
-    """Build the app for one function; settings come from the environment unless given."""
+#: The name FANOUT_TARGET_URL goes by in logs, metrics and spans.
+SEED_TARGET = "default"
+
+
+def create_app(
+    settings: Settings | None = None, transport: AiohttpTransport | None = None, telemetry: Telemetry | None = None
+) -> FastAPI:
+    """Build the app for one function; settings and telemetry come from the environment unless given."""
     settings = settings or load_settings()
+    telemetry = telemetry or Telemetry.from_env()
     transport = transport or make_transport(
         settings.transport,
         max_connections=settings.max_concurrency,
@@ -41,16 +50,43 @@ def create_app(settings: Settings | None = None, transport: AiohttpTransport | N
         rate_per_s=settings.rate_per_s,
     )
     target = str(settings.target_url)
+    target_path = urlsplit(target).path or "/"
     app = FastAPI(title="fanout", summary="Fan one call out to many upstream requests, bounded.")
     app.state.settings = settings
     app.state.transport = transport
+    app.state.telemetry = telemetry
     app.add_exception_handler(RequestValidationError, _explain_validation_error)
 
-    async def send(_index: int) -> int:
-        return await transport.get_status(target)
+    async def run(function: str, strategy: Strategy, n: int, concurrency: int) -> dict[str, Any]:
+        latencies: list[list[float]] = [[] for _ in range(n)]
 
-    async def run(strategy: Strategy, n: int, concurrency: int) -> dict[str, Any]:
-        result = await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=settings.deadline_s)
+        async def send(index: int) -> int:
+            return await traced_attempt(
+                lambda: transport.get_status(target),
+                target=SEED_TARGET,
+                method="GET",
+                path=target_path,
+                status_of=lambda status: status,
+                latencies_ms=latencies[index],
+            )
+
+        with call_span(function, strategy.value, n):
+            result = await fan_out(
+                send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=settings.deadline_s
+            )
+        records = [
+            _record(index, outcome, target_path, latencies[index]) for index, outcome in enumerate(result.outcomes)
+        ]
+        telemetry.report(
+            CallReport(
+                function=function,
+                strategy=strategy.value,
+                concurrency=result.concurrency,
+                elapsed_s=result.elapsed_s,
+                deadline_s=settings.deadline_s,
+                requests=records,
+            )
+        )
         return _body(result)
 
     max_n = settings.max_requests
@@ -60,20 +96,34 @@ def create_app(settings: Settings | None = None, transport: AiohttpTransport | N
     @app.get("/sync/{n}")
     async def sync(n: N) -> dict[str, Any]:
         """n requests one after another (never blocking the event loop)."""
-        return await run(Strategy.SYNC, n, 1)
+        return await run("sync", Strategy.SYNC, n, 1)
 
     @app.get("/async/{n}")
     async def gather(n: N) -> dict[str, Any]:
         """n requests at once; at most the function's limit are on the wire."""
-        return await run(Strategy.GATHER, n, settings.max_concurrency)
+        return await run("gather", Strategy.GATHER, n, settings.max_concurrency)
 
     @app.get("/async_sem/{n}/{k}")
     async def semaphore(n: N, k: K) -> dict[str, Any]:
         """n requests, at most min(k, the function's limit) in flight."""
-        return await run(Strategy.SEMAPHORE, n, min(k, settings.max_concurrency))
+        return await run("semaphore", Strategy.SEMAPHORE, n, min(k, settings.max_concurrency))
 
-    add_batch_route(app, settings, runner.run)
+    add_batch_route(app, settings, runner.run, telemetry)
     return app
+
+
+def _record(index: int, outcome: Outcome[int], path: str, latencies_ms: list[float]) -> UpstreamRecord:
+    return UpstreamRecord(
+        ref=str(index),
+        target=SEED_TARGET,
+        method="GET",
+        path=path,
+        attempts=0 if outcome.skipped else 1,
+        latencies_ms=tuple(latencies_ms),
+        status=outcome.value,
+        error=outcome.error,
+        skipped=outcome.skipped is not None,
+    )
 
 
 def _body(result: FanoutResult[int]) -> dict[str, Any]:

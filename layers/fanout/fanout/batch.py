@@ -32,6 +32,7 @@ from tenacity import (
 )
 
 from fanout.engine import Outcome, RequestError, Strategy, fan_out
+from fanout.observability import UpstreamRecord, traced_attempt
 from fanout.transports import AiohttpTransport, UpstreamResponse
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -39,6 +40,7 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_ERRORS = frozenset({"ConnectError", "ConnectTimeout", "ReadTimeout", "ReadError", "RemoteProtocolError"})
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
+RATE_LIMIT_WAIT_S = 0.001  # an attempt that waited longer than this for the rate limit counts as a wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,8 @@ class BatchItem:
     idempotency_key: str | None = None
     max_redirects: int = 0
     check_redirect: Callable[[str], None] = lambda _url: None
+    target: str = ""  # the FANOUT_UPSTREAMS name and the path, for logs, metrics and spans
+    path: str = "/"
 
     @property
     def retryable(self) -> bool:
@@ -66,6 +70,7 @@ class ItemReport:
     error: str | None = None
     message: str = ""
     skipped: str | None = None
+    latencies_ms: tuple[float, ...] = ()  # one per attempt that ended
 
     @property
     def ok(self) -> bool:
@@ -77,6 +82,35 @@ class BatchRun:
     reports: list[ItemReport]
     concurrency: int
     elapsed_s: float
+    rate_limit_waits: int | None = None  # None: no rate limit
+    rate_limit_wait_s: float = 0.0
+
+    def records(self, items: list[BatchItem]) -> list[UpstreamRecord]:
+        """Each item's report as the operator sees it (fanout.observability)."""
+        return [
+            UpstreamRecord(
+                ref=item.id,
+                target=item.target,
+                method=item.method,
+                path=item.path,
+                attempts=report.attempts,
+                latencies_ms=report.latencies_ms,
+                status=report.response.status if report.response is not None else None,
+                error=report.error,
+                skipped=report.skipped is not None,
+            )
+            for item, report in zip(items, self.reports, strict=True)
+        ]
+
+
+@dataclass
+class _Progress:
+    """What a run's attempts have done so far; read even for items the deadline cut off."""
+
+    attempts: list[int]
+    latencies_ms: list[list[float]]
+    rate_limit_waits: int = 0
+    rate_limit_wait_s: float = 0.0
 
 
 def retry_after_s(response: UpstreamResponse) -> float | None:
@@ -113,13 +147,13 @@ class BatchRunner:
     async def run(
         self, items: list[BatchItem], *, strategy: Strategy, concurrency: int, budget_s: float, fail_fast: bool
     ) -> BatchRun:
-        attempts = [0] * len(items)
+        progress = _Progress(attempts=[0] * len(items), latencies_ms=[[] for _ in items])
         stop = asyncio.Event() if fail_fast else None
         deadline = time.monotonic() + budget_s
 
         async def send(index: int) -> ItemReport:
             started = time.perf_counter()
-            report = await self._send_with_retries(items[index], index, attempts, deadline)
+            report = await self._send_with_retries(items[index], index, progress, deadline)
             report = replace(report, elapsed_s=time.perf_counter() - started)
             if stop is not None and not report.ok:
                 stop.set()
@@ -129,28 +163,44 @@ class BatchRunner:
             send, n=len(items), strategy=strategy, concurrency=concurrency, deadline_s=budget_s, stop=stop
         )
         reports = [
-            _report(item, outcome, attempts[index], result.elapsed_s)
+            replace(
+                _report(item, outcome, progress.attempts[index], result.elapsed_s),
+                latencies_ms=tuple(progress.latencies_ms[index]),
+            )
             for index, (item, outcome) in enumerate(zip(items, result.outcomes, strict=True))
         ]
-        return BatchRun(reports=reports, concurrency=result.concurrency, elapsed_s=result.elapsed_s)
+        return BatchRun(
+            reports=reports,
+            concurrency=result.concurrency,
+            elapsed_s=result.elapsed_s,
+            rate_limit_waits=progress.rate_limit_waits if self.limiter is not None else None,
+            rate_limit_wait_s=progress.rate_limit_wait_s,
+        )
 
-    async def _send_with_retries(self, item: BatchItem, index: int, attempts: list[int], deadline: float) -> ItemReport:
+    async def _send_with_retries(self, item: BatchItem, index: int, progress: _Progress, deadline: float) -> ItemReport:
         headers = dict(item.headers)
         if item.idempotency_key is not None:
             headers["Idempotency-Key"] = item.idempotency_key
+        attempts = progress.attempts
 
         async def attempt() -> UpstreamResponse:
             attempts[index] += 1
-            if self.limiter is not None:
-                await self.limiter.acquire()
-            return await self.transport.send(
-                item.method,
-                item.url,
-                headers=headers,
-                body=item.body,
-                max_body_bytes=self.max_item_bytes,
-                max_redirects=item.max_redirects,
-                check_redirect=item.check_redirect,
+            await self._rate_limit(progress)
+            return await traced_attempt(
+                lambda: self.transport.send(
+                    item.method,
+                    item.url,
+                    headers=headers,
+                    body=item.body,
+                    max_body_bytes=self.max_item_bytes,
+                    max_redirects=item.max_redirects,
+                    check_redirect=item.check_redirect,
+                ),
+                target=item.target,
+                method=item.method,
+                path=item.path,
+                status_of=lambda response: response.status,
+                latencies_ms=progress.latencies_ms[index],
             )
 
         retrying = AsyncRetrying(
@@ -164,6 +214,17 @@ class BatchRunner:
         except RequestError as exc:
             return ItemReport(id=item.id, attempts=attempts[index], elapsed_s=0, error=exc.kind, message=exc.detail)
         return ItemReport(id=item.id, attempts=attempts[index], elapsed_s=0, response=response)
+
+    async def _rate_limit(self, progress: _Progress) -> None:
+        """Take a token of the container's rate limit, counting the attempts that had to wait."""
+        if self.limiter is None:
+            return
+        started = time.perf_counter()
+        await self.limiter.acquire()
+        waited = time.perf_counter() - started
+        if waited > RATE_LIMIT_WAIT_S:
+            progress.rate_limit_waits += 1
+            progress.rate_limit_wait_s += waited
 
     def _wait(self, state: RetryCallState) -> float:
         outcome = state.outcome

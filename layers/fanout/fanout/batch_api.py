@@ -22,6 +22,7 @@ from yarl import URL
 
 from fanout.batch import BatchItem, BatchRun, ItemReport
 from fanout.engine import RequestError, Strategy
+from fanout.observability import CallReport, Telemetry, call_span
 from fanout.settings import ENV_PREFIX, Settings, UpstreamTarget
 
 #: Request headers a caller may set; anything else is refused with a 422 naming it.
@@ -91,7 +92,7 @@ class BatchRequest(BaseModel):
         return self
 
 
-def add_batch_route(app: FastAPI, settings: Settings, run: Any) -> None:
+def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telemetry) -> None:
     """Register POST /batch; `run(items, strategy=..., concurrency=..., budget_s=..., fail_fast=...)`."""
 
     async def body_within_limit(request: Request) -> None:
@@ -113,8 +114,25 @@ def add_batch_route(app: FastAPI, settings: Settings, run: Any) -> None:
         items = [_to_item(index, item, settings) for index, item in enumerate(call.requests)]
         concurrency = min(call.concurrency or settings.max_concurrency, settings.max_concurrency)
         budget = _budget_s(call.deadline_s, settings.deadline_s, request.scope.get("aws.context"))
-        result: BatchRun = await run(
-            items, strategy=Strategy(call.strategy), concurrency=concurrency, budget_s=budget, fail_fast=call.fail_fast
+        with call_span("batch", call.strategy, len(items)):
+            result: BatchRun = await run(
+                items,
+                strategy=Strategy(call.strategy),
+                concurrency=concurrency,
+                budget_s=budget,
+                fail_fast=call.fail_fast,
+            )
+        telemetry.report(
+            CallReport(
+                function="batch",
+                strategy=call.strategy,
+                concurrency=result.concurrency,
+                elapsed_s=result.elapsed_s,
+                deadline_s=budget,
+                requests=result.records(items),
+                rate_limit_waits=result.rate_limit_waits,
+                rate_limit_wait_s=result.rate_limit_wait_s,
+            )
         )
         return _envelope(call, result, settings.max_response_bytes)
 
@@ -153,6 +171,8 @@ def _to_item(index: int, item: BatchRequestItem, settings: Settings) -> BatchIte
         body=body,
         idempotency_key=item.idempotency_key,
         max_redirects=target.max_redirects,
+        target=item.target,
+        path=item.path,
         check_redirect=lambda url, target=target: check_scheme(target, URL(url)),
     )
 

@@ -1,0 +1,221 @@
+"""What an operator sees in CloudWatch: one summary log line and metrics per call, spans per request.
+
+- Logs: Powertools Logger, JSON, level from LOG_LEVEL. `observe_invocations` puts
+  the Lambda request id and API Gateway's request id (`correlation_id`) on every
+  line. A call logs one summary line and one line per failed upstream request
+  (target, path, error type, attempts); never a body, a query string or a header.
+- Metrics: Powertools EphemeralMetrics in Embedded Metric Format (CloudWatch
+  turns the log lines into metrics; no API call, no latency). Namespace from
+  POWERTOOLS_METRICS_NAMESPACE. Dimensions stay few, because each combination is
+  a billed custom metric: `function` for the call's metrics, plus `target` for
+  upstream requests, plus `error_type` for failures (README, "Operating it").
+- Traces: the OpenTelemetry API, not Powertools Tracer. Tracer is built on the
+  X-Ray SDK, which AWS put in maintenance mode in February 2026 and stops
+  supporting on 25 February 2027, recommending OpenTelemetry. Without an SDK
+  (tests, local runs) every span is a no-op; on Lambda the ADOT layer that
+  template.yaml adds when tracing is on sends them to X-Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from fanout.engine import RequestError
+
+SERVICE_ENV = "POWERTOOLS_SERVICE_NAME"
+NAMESPACE_ENV = "POWERTOOLS_METRICS_NAMESPACE"
+DEFAULT_SERVICE = "fanout"
+DEFAULT_NAMESPACE = "fanout"
+
+_tracer = trace.get_tracer("fanout")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRecord:
+    """One request of a call as the operator sees it: where it went and how it ended."""
+
+    ref: str  # the batch item's id, or the seed request's index
+    target: str  # a FANOUT_UPSTREAMS name; "default" for FANOUT_TARGET_URL
+    method: str
+    path: str  # without the query string, which may carry secrets
+    attempts: int
+    latencies_ms: tuple[float, ...] = ()  # one per attempt that ended (answered or failed)
+    status: int | None = None
+    error: str | None = None  # transport error kind, e.g. ReadTimeout
+    skipped: bool = False
+
+    @property
+    def error_type(self) -> str | None:
+        """Why it failed, from a small fixed vocabulary (it is a metric dimension); None if it did not."""
+        if self.skipped:
+            return None
+        if self.error is not None:
+            return self.error
+        if self.status is not None and self.status >= 400:
+            return f"HTTP{self.status // 100}xx"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class CallReport:
+    function: str  # sync | gather | semaphore | batch: the function serving the route
+    strategy: str
+    concurrency: int
+    elapsed_s: float
+    deadline_s: float
+    requests: list[UpstreamRecord]
+    rate_limit_waits: int | None = None  # None: no rate limit configured
+    rate_limit_wait_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        failed = sum(record.error_type is not None for record in self.requests)
+        skipped = sum(record.skipped for record in self.requests)
+        summary: dict[str, Any] = {
+            "function": self.function,
+            "strategy": self.strategy,
+            "n": len(self.requests),
+            "concurrency": self.concurrency,
+            "succeeded": len(self.requests) - failed - skipped,
+            "failed": failed,
+            "skipped": skipped,
+            "upstream_requests": sum(record.attempts for record in self.requests),
+            "retries": sum(max(record.attempts - 1, 0) for record in self.requests),
+            "elapsed_ms": round(self.elapsed_s * 1000, 1),
+            "deadline_left_ms": round((self.deadline_s - self.elapsed_s) * 1000, 1),
+        }
+        if self.rate_limit_waits is not None:
+            summary["rate_limit_waits"] = self.rate_limit_waits
+            summary["rate_limit_wait_ms"] = round(self.rate_limit_wait_s * 1000, 1)
+        return summary
+
+
+class Telemetry:
+    """Reports calls as log lines and EMF metrics; one per container, settings read once."""
+
+    def __init__(self, *, service: str, namespace: str) -> None:
+        self.service = service
+        self.namespace = namespace
+        self.logger = Logger(service=service)
+
+    def __repr__(self) -> str:
+        return f"Telemetry(service={self.service!r}, namespace={self.namespace!r})"
+
+    @classmethod
+    def from_env(cls) -> Telemetry:
+        return cls(
+            service=os.environ.get(SERVICE_ENV) or DEFAULT_SERVICE,
+            namespace=os.environ.get(NAMESPACE_ENV) or DEFAULT_NAMESPACE,
+        )
+
+    def report(self, call: CallReport) -> None:
+        summary = call.summary()
+        for record in call.requests:
+            if record.error_type is not None:
+                self.logger.warning(
+                    "upstream request failed",
+                    extra={
+                        "function": call.function,
+                        "request": record.ref,
+                        "target": record.target,
+                        "method": record.method,
+                        "path": record.path,
+                        "error_type": record.error_type,
+                        "status": record.status,
+                        "attempts": record.attempts,
+                    },
+                )
+        self.logger.info("fanout call", extra=summary)
+        self._emit_metrics(call, summary)
+
+    def _emit_metrics(self, call: CallReport, summary: dict[str, Any]) -> None:
+        calls = self._metrics(function=call.function)
+        calls.add_metric("Calls", MetricUnit.Count, 1)
+        calls.add_metric("CallDuration", MetricUnit.Milliseconds, summary["elapsed_ms"])
+        calls.add_metric("SkippedRequests", MetricUnit.Count, summary["skipped"])
+        if call.rate_limit_waits is not None:
+            calls.add_metric("RateLimitWaits", MetricUnit.Count, call.rate_limit_waits)
+            calls.add_metric("RateLimitWaitTime", MetricUnit.Milliseconds, summary["rate_limit_wait_ms"])
+        calls.flush_metrics()
+
+        by_target: dict[str, list[UpstreamRecord]] = defaultdict(list)
+        for record in call.requests:
+            by_target[record.target].append(record)
+        for target, records in by_target.items():
+            sent = self._metrics(function=call.function, target=target)
+            sent.add_metric("UpstreamRequests", MetricUnit.Count, sum(r.attempts for r in records))
+            sent.add_metric("Retries", MetricUnit.Count, sum(max(r.attempts - 1, 0) for r in records))
+            for latency in (ms for r in records for ms in r.latencies_ms):
+                sent.add_metric("UpstreamLatency", MetricUnit.Milliseconds, latency)  # flushed per 100 values
+            sent.flush_metrics()
+            failures = Counter(r.error_type for r in records if r.error_type is not None)
+            for error_type, count in sorted(failures.items()):
+                failed = self._metrics(function=call.function, target=target, error_type=error_type)
+                failed.add_metric("UpstreamFailures", MetricUnit.Count, count)
+                failed.flush_metrics()
+
+    def _metrics(self, **dimensions: str) -> EphemeralMetrics:
+        metrics = EphemeralMetrics(namespace=self.namespace, service=self.service)
+        for name, value in dimensions.items():
+            metrics.add_dimension(name=name, value=value)
+        return metrics
+
+
+async def traced_attempt(
+    attempt: Callable[[], Awaitable[R]],
+    *,
+    target: str,
+    method: str,
+    path: str,
+    status_of: Callable[[R], int],
+    latencies_ms: list[float],
+) -> R:
+    """One upstream attempt in a client span (an X-Ray subsegment); its latency is appended
+    to `latencies_ms` when it ends with an answer or an error, not when it is cancelled."""
+    attributes = {"fanout.target": target, "http.request.method": method, "url.path": path}
+    with _tracer.start_as_current_span(f"{method} {target}", kind=SpanKind.CLIENT, attributes=attributes) as span:
+        started = time.perf_counter()
+        try:
+            result = await attempt()
+        except RequestError as exc:
+            latencies_ms.append(_ms_since(started))
+            span.set_attribute("error.type", exc.kind)  # the kind only: a message may hold a URL
+            span.set_status(Status(StatusCode.ERROR))
+            raise
+        latencies_ms.append(_ms_since(started))
+        status = status_of(result)
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        return result
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+@contextmanager
+def call_span(function: str, strategy: str, n: int) -> Iterator[Span]:
+    """The parent span of one call's upstream spans."""
+    attributes = {"fanout.function": function, "fanout.strategy": strategy, "fanout.n": n}
+    with _tracer.start_as_current_span(f"fanout {function}", attributes=attributes) as span:
+        yield span
+
+
+def observe_invocations(handler: Callable[[dict[str, Any], Any], Any], telemetry: Telemetry) -> Callable[..., Any]:
+    """The Lambda handler with the invocation's ids (Lambda's and API Gateway's) on every log line."""
+    return telemetry.logger.inject_lambda_context(
+        handler, correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True
+    )

@@ -1,0 +1,280 @@
+"""What an operator sees: the log lines, the EMF metrics and the spans of known calls through the real handler."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from conftest import lambda_context, load_event, post_batch
+from fanout.observability import DEFAULT_SERVICE
+from fanout_local.upstream import LocalUpstream
+
+NAMESPACE = "fanout-test"
+SECRET = "s3cret-value"
+
+
+@dataclass
+class Output:
+    """One test's stdout, split the way CloudWatch sees it: log lines, and EMF lines that become metrics."""
+
+    logs: list[dict[str, Any]]
+    blobs: list[dict[str, Any]]
+    raw: str
+
+    def summary(self) -> dict[str, Any]:
+        (line,) = [line for line in self.logs if line["message"] == "fanout call"]
+        return line
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [line for line in self.logs if line["message"] == "upstream request failed"]
+
+    def metric(self, name: str, **dimensions: str) -> list[float]:
+        """Every value of `name` published with exactly these dimensions (besides service)."""
+        values: list[float] = []
+        for blob in self.blobs:
+            (directive,) = blob["_aws"]["CloudWatchMetrics"]
+            (keys,) = directive["Dimensions"]
+            found = {key: blob[key] for key in keys}
+            if name in blob and found == {"service": DEFAULT_SERVICE, **dimensions}:
+                assert directive["Namespace"] == NAMESPACE
+                values += blob[name]
+        return values
+
+
+@pytest.fixture
+def output(capsys: pytest.CaptureFixture[str]) -> Any:
+    """Read what the handler printed so far (conftest points the Powertools logger at the current stdout)."""
+
+    def read() -> Output:
+        raw = capsys.readouterr().out
+        lines = [json.loads(line) for line in raw.splitlines() if line.startswith("{")]
+        return Output(
+            logs=[line for line in lines if "_aws" not in line],
+            blobs=[line for line in lines if "_aws" in line],
+            raw=raw,
+        )
+
+    return read
+
+
+@pytest.fixture(scope="module")
+def exporter() -> InMemorySpanExporter:
+    """An OpenTelemetry SDK recording spans in memory, as the ADOT layer's SDK would export them."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # once per process; fanout's tracer is a proxy that follows it
+    return exporter
+
+
+@pytest.fixture
+def spans(exporter: InMemorySpanExporter) -> InMemorySpanExporter:
+    exporter.clear()
+    return exporter
+
+
+@pytest.fixture
+def cold_start(upstream: LocalUpstream, import_handler: Any) -> Any:
+    def start(target: dict[str, Any] | None = None, **env: str) -> Any:
+        upstreams = {
+            name: {"url": upstream.url, "allow_http": True, **(target or {})} for name in ("catalog", "orders")
+        }
+        env = {
+            "FANOUT_TARGET_URL": f"{upstream.url}/delay?ms=1",
+            "FANOUT_UPSTREAMS": json.dumps(upstreams),
+            "FANOUT_MAX_CONCURRENCY": "8",
+            "POWERTOOLS_METRICS_NAMESPACE": NAMESPACE,
+            **env,
+        }
+        return import_handler(**env).handler
+
+    return start
+
+
+def seed_event(name: str, n: int, path: str) -> dict[str, Any]:
+    event = copy.deepcopy(load_event(name))
+    event["rawPath"] = event["requestContext"]["http"]["path"] = path
+    event["pathParameters"] = {"n": str(n)}
+    return event
+
+
+@pytest.mark.parametrize("event_name", ["batch-http-api-v2.json", "batch-rest-v1.json"])
+def test_a_batch_call_logs_its_summary_and_failure_with_both_request_ids(
+    event_name: str, cold_start: Any, output: Any
+) -> None:
+    handler = cold_start()
+    event, context = load_event(event_name), lambda_context()
+    assert handler(event, context)["statusCode"] == 200
+    out = output()
+
+    assert out.logs, "the call logged nothing"
+    for line in out.logs:  # every line, not only ours
+        assert line["function_request_id"] == context.aws_request_id
+        assert line["correlation_id"] == event["requestContext"]["requestId"]
+    summary = out.summary()
+    assert {key: summary[key] for key in ("function", "strategy", "n", "concurrency")} == {
+        "function": "batch",
+        "strategy": "semaphore",
+        "n": 3,
+        "concurrency": 3,
+    }
+    assert (summary["succeeded"], summary["failed"], summary["skipped"]) == (2, 1, 0)
+    assert (summary["upstream_requests"], summary["retries"]) == (3, 0)
+    assert 0 < summary["deadline_left_ms"] < 10_000  # the event asks for deadline_s 10
+    assert [
+        {key: line[key] for key in ("level", "request", "target", "path", "error_type", "status", "attempts")}
+        for line in out.failures()
+    ] == [
+        {
+            "level": "WARNING",
+            "request": "a3",
+            "target": "catalog",
+            "path": "/status/404",
+            "error_type": "HTTP4xx",
+            "status": 404,
+            "attempts": 1,
+        }
+    ]
+
+
+def test_a_batch_call_publishes_emf_metrics_per_function_target_and_error_type(cold_start: Any, output: Any) -> None:
+    handler = cold_start()
+    assert handler(load_event("batch-http-api-v2.json"), lambda_context())["statusCode"] == 200
+    out = output()
+
+    assert out.metric("Calls", function="batch") == [1.0]
+    assert out.metric("SkippedRequests", function="batch") == [0.0]
+    assert len(out.metric("CallDuration", function="batch")) == 1
+    assert out.metric("UpstreamRequests", function="batch", target="catalog") == [2.0]
+    assert out.metric("UpstreamRequests", function="batch", target="orders") == [1.0]
+    assert out.metric("Retries", function="batch", target="catalog") == [0.0]
+    latencies = out.metric("UpstreamLatency", function="batch", target="catalog")
+    assert len(latencies) == 2 and all(value > 0 for value in latencies)
+    assert out.metric("UpstreamFailures", function="batch", target="catalog", error_type="HTTP4xx") == [1.0]
+    assert out.metric("UpstreamFailures", function="batch", target="orders", error_type="HTTP4xx") == []
+    assert out.metric("RateLimitWaits", function="batch") == []  # no rate limit configured, no metric
+
+
+def test_retries_and_each_error_type_are_counted(cold_start: Any, output: Any) -> None:
+    handler = cold_start(FANOUT_REQUEST_TIMEOUT_S="0.2", FANOUT_MAX_ATTEMPTS="3")
+    requests = [
+        {"id": "flaky", "target": "catalog", "path": "/flaky", "query": {"key": "obs-1", "fail": 2, "status": 503}},
+        {"id": "down", "target": "catalog", "path": "/status/503"},
+        {"id": "slow", "target": "orders", "path": "/hang"},
+    ]
+    status, body = post_batch(handler, {"requests": requests})
+    assert status == 200
+    assert [item["attempts"] for item in body["responses"]] == [3, 3, 3]
+    out = output()
+
+    summary = out.summary()
+    assert (summary["succeeded"], summary["failed"], summary["retries"], summary["upstream_requests"]) == (1, 2, 6, 9)
+    failures = {line["request"]: (line["target"], line["error_type"], line["attempts"]) for line in out.failures()}
+    assert failures == {"down": ("catalog", "HTTP5xx", 3), "slow": ("orders", "ReadTimeout", 3)}
+    assert out.metric("Retries", function="batch", target="catalog") == [4.0]
+    assert out.metric("Retries", function="batch", target="orders") == [2.0]
+    assert out.metric("UpstreamFailures", function="batch", target="catalog", error_type="HTTP5xx") == [1.0]
+    assert out.metric("UpstreamFailures", function="batch", target="orders", error_type="ReadTimeout") == [1.0]
+    assert len(out.metric("UpstreamLatency", function="batch", target="catalog")) == 6
+
+
+def test_rate_limit_waits_are_counted_and_timed(cold_start: Any, output: Any) -> None:
+    handler = cold_start(FANOUT_RATE_PER_S="2")
+    requests = [{"id": str(index), "target": "catalog", "path": "/delay", "query": {"ms": 1}} for index in range(4)]
+    assert post_batch(handler, {"requests": requests})[0] == 200
+    out = output()
+
+    # A bucket of 2 per second: the first two start at once, the other two wait.
+    assert out.metric("RateLimitWaits", function="batch") == [2.0]
+    (waited_ms,) = out.metric("RateLimitWaitTime", function="batch")
+    assert waited_ms >= 400
+    assert out.summary()["rate_limit_waits"] == 2
+
+
+def test_no_body_query_or_authorization_value_reaches_logs_or_metrics(cold_start: Any, output: Any) -> None:
+    handler = cold_start({"forward_authorization": True})
+    request = {
+        "id": "secretive",
+        "method": "POST",
+        "target": "catalog",
+        "path": "/status/500",
+        "query": {"api_key": SECRET},
+        "headers": {"Authorization": f"Bearer {SECRET}"},
+        "json": {"password": SECRET},
+    }
+    status, body = post_batch(handler, {"requests": [request]})
+    assert (status, body["responses"][0]["status"]) == (200, 500)
+    out = output()
+
+    (failure,) = out.failures()
+    assert (failure["path"], failure["error_type"]) == ("/status/500", "HTTP5xx")
+    assert SECRET not in out.raw
+    assert "api_key" not in out.raw and "Bearer" not in out.raw
+
+
+@pytest.mark.parametrize(
+    ("event_name", "function", "concurrency"),
+    [("sync-http-api-v2.json", "sync", 1), ("async-http-api-v2.json", "gather", 6)],
+)
+def test_a_seed_call_reports_every_request_to_the_default_target(
+    event_name: str, function: str, concurrency: int, cold_start: Any, output: Any
+) -> None:
+    handler = cold_start()
+    route = event_name.split("-")[0]
+    assert handler(seed_event(event_name, 6, f"/{route}/6"), lambda_context())["statusCode"] == 200
+    out = output()
+
+    summary = out.summary()
+    assert (summary["function"], summary["n"], summary["concurrency"]) == (function, 6, concurrency)
+    assert (summary["succeeded"], summary["failed"], summary["upstream_requests"]) == (6, 0, 6)
+    assert out.failures() == []
+    assert out.metric("UpstreamRequests", function=function, target="default") == [6.0]
+    assert len(out.metric("UpstreamLatency", function=function, target="default")) == 6
+
+
+def test_the_deadline_shows_as_a_failure_and_skips(cold_start: Any, output: Any, upstream: LocalUpstream) -> None:
+    handler = cold_start(
+        FANOUT_TARGET_URL=f"{upstream.url}/hang", FANOUT_DEADLINE_S="0.5", FANOUT_REQUEST_TIMEOUT_S="0.5"
+    )
+    assert handler(seed_event("sync-http-api-v2.json", 4, "/sync/4"), lambda_context())["statusCode"] == 200
+    out = output()
+
+    summary = out.summary()
+    assert (summary["succeeded"], summary["failed"], summary["skipped"], summary["upstream_requests"]) == (0, 1, 3, 1)
+    assert [(line["path"], line["error_type"]) for line in out.failures()] == [("/hang", "DeadlineExceeded")]
+    assert out.metric("SkippedRequests", function="sync") == [3.0]
+    assert out.metric("UpstreamFailures", function="sync", target="default", error_type="DeadlineExceeded") == [1.0]
+
+
+def test_each_upstream_attempt_is_a_client_span_under_the_call(
+    cold_start: Any, spans: InMemorySpanExporter, output: Any
+) -> None:
+    handler = cold_start(FANOUT_REQUEST_TIMEOUT_S="0.2", FANOUT_MAX_ATTEMPTS="2")
+    requests = [
+        {"id": "flaky", "target": "catalog", "path": "/flaky", "query": {"key": "span-1", "fail": 1, "status": 503}},
+        {"id": "slow", "target": "orders", "path": "/hang"},
+    ]
+    assert post_batch(handler, {"requests": requests})[0] == 200
+    output()  # drop the logs
+
+    finished: list[ReadableSpan] = list(spans.get_finished_spans())
+    (call,) = [span for span in finished if span.name == "fanout batch"]
+    attempts = [span for span in finished if span.kind is SpanKind.CLIENT]
+    assert all(span.parent is not None and span.parent.span_id == call.context.span_id for span in attempts)
+    flaky = [span for span in attempts if span.attributes["fanout.target"] == "catalog"]
+    assert [span.attributes["http.response.status_code"] for span in flaky] == [503, 200]
+    assert [span.status.status_code for span in flaky] == [StatusCode.ERROR, StatusCode.UNSET]
+    assert {span.name for span in flaky} == {"GET catalog"}
+    assert flaky[0].attributes["url.path"] == "/flaky"
+    slow = [span for span in attempts if span.attributes["fanout.target"] == "orders"]
+    assert [span.attributes["error.type"] for span in slow] == ["ReadTimeout", "ReadTimeout"]
+    assert call.attributes["fanout.n"] == 2
