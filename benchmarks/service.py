@@ -20,6 +20,7 @@ from typing import Any
 from servers import Server
 
 from fanout_local.gateway import running_gateway
+from fanout_local.worker import LocalContext
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = {10: 30, 1000: 5}
@@ -61,11 +62,11 @@ def _summary(walls: list[float], engines: list[float]) -> dict[str, float]:
 def via_handler(server: Server, n: int, latency_ms: int) -> dict[str, float]:
     handler = _load_handler(f"{server.url}/delay?ms={latency_ms}", 100)
     event = _event(n, 100)
-    handler(event, None)  # warm-up: the cold start opens the pool
+    handler(event, LocalContext(function_name="bench", timeout_s=30))  # warm-up: the cold start opens the pool
     walls, engines = [], []
     for _ in range(CALLS[n]):
         started = time.perf_counter()
-        response = handler(event, None)
+        response = handler(event, LocalContext(function_name="bench", timeout_s=30))
         walls.append((time.perf_counter() - started) * 1000)
         body = json.loads(response["body"])
         assert body["succeeded"] == n, body
@@ -75,8 +76,8 @@ def via_handler(server: Server, n: int, latency_ms: int) -> dict[str, float]:
 
 def via_gateway(server: Server, n: int, latency_ms: int) -> dict[str, float]:
     parameters = {"TargetUrl": f"{server.url}/delay?ms={latency_ms}", "SemaphoreMaxConcurrency": "100"}
-    with running_gateway(parameters) as (base, _process):
-        url = f"{base}/async_sem/{n}/100"
+    with running_gateway(parameters) as gateway:
+        url = f"{gateway.url}/async_sem/{n}/100"
         urllib.request.urlopen(url).read()  # warm-up
         walls, engines = [], []
         for _ in range(CALLS[n]):

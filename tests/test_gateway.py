@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from conftest import ROOT
-from fanout_local.gateway import running_gateway
+from fanout_local.gateway import RunningGateway, running_gateway
 from fanout_local.template import Route, load_template, local_functions
 from fanout_local.upstream import LocalUpstream
 
@@ -50,15 +50,40 @@ def test_missing_required_parameter_says_how_to_set_it() -> None:
         local_functions(template, ROOT, {})
 
 
-@pytest.fixture
-def gateway(upstream: LocalUpstream) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    parameters = {
+def gateway_parameters(upstream: LocalUpstream, **more: str) -> dict[str, str]:
+    return {
         "TargetUrl": f"{upstream.url}/delay?ms=5",
         "SemaphoreMaxConcurrency": "3",
         "Upstreams": json.dumps({"local": {"url": upstream.url, "allow_http": True}}),
+        **more,
     }
-    with running_gateway(parameters) as served:
+
+
+@pytest.fixture
+def gateway(upstream: LocalUpstream) -> Iterator[RunningGateway]:
+    with running_gateway(gateway_parameters(upstream)) as served:
         yield served
+
+
+def logged(gateway: RunningGateway, function: str) -> list[dict[str, Any]]:
+    """The JSON log records one function printed, read back from the gateway's indented output."""
+    prefix = f"{function:<18}| "
+    text = "".join(line.removeprefix(prefix) for line in list(gateway.output) if line.startswith(prefix))
+    decoder, records, at = json.JSONDecoder(), [], 0
+    while (at := text.find("{", at)) != -1:
+        record, at = decoder.raw_decode(text, at)
+        records.append(record)
+    return records
+
+
+def wait_for(gateway: RunningGateway, function: str, message: str) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        records = logged(gateway, function)
+        if any(record["message"] == message for record in records):
+            return records
+        time.sleep(0.05)
+    raise AssertionError(f"{function} logged no {message!r}: {gateway.output[-20:]}")
 
 
 def get(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
@@ -71,10 +96,8 @@ def get(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, An
         return error.code, json.loads(error.read())
 
 
-def test_gateway_serves_each_function_with_its_limits(
-    gateway: tuple[str, subprocess.Popen[str]], upstream: LocalUpstream
-) -> None:
-    base, process = gateway
+def test_gateway_serves_each_function_with_its_limits(gateway: RunningGateway, upstream: LocalUpstream) -> None:
+    base, process = gateway.url, gateway.process
     status, body = get(f"{base}/async_sem/12/8")
     assert status == 200
     assert body["concurrency"] == 3  # SemaphoreMaxConcurrency from the shell, clamping k=8
@@ -87,3 +110,20 @@ def test_gateway_serves_each_function_with_its_limits(
     assert (status, body["responses"][0]["status"], body["responses"][0]["body"]["body"]) == (200, 200, "[1]")
     process.send_signal(signal.SIGINT)  # Ctrl-C stops the gateway and its workers
     assert process.wait(timeout=15) == 0
+
+
+def test_functions_log_readably_through_the_gateway(gateway: RunningGateway) -> None:
+    assert get(f"{gateway.url}/async_sem/4/2")[0] == 200
+    (summary,) = [r for r in wait_for(gateway, "SemaphoreFunction", "fanout call") if r["message"] == "fanout call"]
+    assert (summary["function"], summary["n"], summary["concurrency"], summary["succeeded"]) == ("semaphore", 4, 2, 4)
+    assert summary["correlation_id"] and summary["function_request_id"]
+    assert f'{"SemaphoreFunction":<18}|     "level":"INFO",\n' in gateway.output  # indented: a key a line
+    assert not any("_aws" in line for line in gateway.output)  # EMF stays out of local output
+
+
+def test_log_level_parameter_reaches_the_functions(upstream: LocalUpstream) -> None:
+    with running_gateway(gateway_parameters(upstream, LogLevel="WARNING")) as gateway:
+        status, _ = get(f"{gateway.url}/batch", {"requests": [{"id": "x", "target": "local", "path": "/status/500"}]})
+        assert status == 200
+        records = wait_for(gateway, "BatchFunction", "upstream request failed")
+        assert {record["level"] for record in records} == {"WARNING"}  # no INFO summary at WARNING

@@ -9,7 +9,10 @@
 3. serves http://127.0.0.1:3000, turning each request into an HTTP API v2 event
    for the function whose route matches, and the handler's answer back into HTTP.
 
-Each worker runs one invocation at a time, like one Lambda container.
+Each worker runs one invocation at a time, like one Lambda container. Its logs
+are the same Powertools JSON lines as on Lambda, indented (POWERTOOLS_DEV=true,
+which also keeps the EMF metric lines out; set POWERTOOLS_DEV=false to see the
+lines exactly as CloudWatch gets them) and marked with the function's name.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from fanout_local.template import LocalFunction, Route, load_template, local_functions
@@ -111,17 +115,32 @@ def start_worker(function: LocalFunction, base_env: Mapping[str, str]) -> Iterat
         if not line.startswith("READY "):
             process.wait(timeout=10)
             raise SystemExit(f"{function.name} failed to start (see its error above)")
+        threading.Thread(target=_show_logs, args=(process.stdout, function.name), daemon=True).start()
         yield Worker(function=function, port=int(line.split()[1]))
     finally:
         process.terminate()
         process.wait(timeout=10)
 
 
+def _show_logs(stream: IO[str], function_name: str) -> None:
+    """A function's log lines on the gateway's stdout, each marked with the function's name."""
+    for line in stream:
+        print(f"{function_name:<18}| {line}", end="", flush=True)
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    process: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)  # what it printed after starting: the functions' logs
+
+
 @contextmanager
-def running_gateway(parameters: Mapping[str, str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def running_gateway(parameters: Mapping[str, str]) -> Iterator[RunningGateway]:
     """This gateway in a subprocess on a free port, without the bundled upstream: for tests and benchmarks.
 
-    `parameters` override template Parameters by name (e.g. TargetUrl). Yields the base URL and the process.
+    `parameters` override template Parameters by name (e.g. TargetUrl), and may set other
+    variables of the functions' environment (e.g. POWERTOOLS_DEV).
     """
     process = subprocess.Popen(
         [sys.executable, "-m", "fanout_local.gateway", "--port", "0", "--no-upstream"],
@@ -135,7 +154,10 @@ def running_gateway(parameters: Mapping[str, str]) -> Iterator[tuple[str, subpro
         line = next((line for line in process.stdout if line.startswith("fanout API on ")), "")
         if not line:
             raise RuntimeError("the gateway exited before serving (see its error above)")
-        yield line.split()[3], process
+        served = RunningGateway(url=line.split()[3], process=process)
+        # Keep reading, or a full pipe would stop the gateway (and its functions) mid-call.
+        threading.Thread(target=lambda: served.output.extend(process.stdout or ()), daemon=True).start()
+        yield served
     finally:
         if process.poll() is None:
             process.terminate()
@@ -200,7 +222,7 @@ def main() -> None:
             "Upstreams", json.dumps({"local": {"url": bundled, "allow_http": True, "max_redirects": 2}})
         )
     # Local targets live on loopback; on Lambda this variable is never set (see fanout.egress).
-    base_env = {"FANOUT_ALLOW_PRIVATE_NETWORKS": "true", **os.environ}
+    base_env = {"FANOUT_ALLOW_PRIVATE_NETWORKS": "true", "POWERTOOLS_DEV": "true", **os.environ}
     template = load_template(args.template)
     functions = local_functions(template, args.template.parent, overrides)
 

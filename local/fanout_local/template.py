@@ -4,7 +4,8 @@ Only what the local gateway needs: each `AWS::Serverless::Function` with its
 handler, code directory, routes and environment (Globals merged in, `!Ref`/`!Sub`
 of Parameters resolved from their defaults or from overrides). Routes come from
 HttpApi events or from `AWS::ApiGatewayV2::Route` resources whose target is an
-integration with the function.
+integration with the function. Variables set under a Condition are left out:
+they switch on what only a deploy adds (the OpenTelemetry layer's wrapper).
 """
 
 from __future__ import annotations
@@ -122,10 +123,17 @@ def local_functions(template: Mapping[str, Any], root: Path, overrides: Mapping[
                 code_dir=root / props["CodeUri"],
                 timeout_s=float(props.get("Timeout", 3)),
                 routes=routes,
-                environment={key: _resolve(value, params, name) for key, value in variables.items()},
+                environment={
+                    key: _resolve(value, params, name) for key, value in variables.items() if not _deploy_only(value)
+                },
             )
         )
     return functions
+
+
+def _deploy_only(value: Any) -> bool:
+    """A variable chosen by a Condition (the tracing layer's wrapper): it needs what only a deploy adds."""
+    return isinstance(value, dict) and "Fn::If" in value
 
 
 def _resolve(value: Any, params: Mapping[str, str], function: str) -> str:

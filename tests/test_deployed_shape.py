@@ -1,0 +1,472 @@
+"""What `sam deploy --config-env dev|prod` would create, offline.
+
+template.yaml goes through the SAM translator (the library `sam deploy` hands it
+to, run in the SAM CLI's venv) with each samconfig.toml environment's parameters,
+and a few variants; the resulting CloudFormation is then read twice:
+- by `deployed()`, which decides conditions and parameter references the way
+  CloudFormation does, for assertions on every resource;
+- by moto's CloudFormation and AWS APIs (`stack_in_moto`), for the resources moto
+  models: Lambda functions and layer, IAM roles, log groups, SNS. moto's
+  CloudFormation has no `AWS::CloudWatch::Alarm` and no `AWS::ApiGatewayV2::*`:
+  alarms are created through moto's CloudWatch API from the translated properties
+  (so an AWS API model still checks them), and the API, stage, routes and
+  authorizer are covered by the assertions on the translated template only.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import subprocess
+import textwrap
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from conftest import ROOT
+from fanout_local.template import load_template
+
+TEMPLATE = ROOT / "template.yaml"
+SAMCONFIG = ROOT / "samconfig.toml"
+ENVIRONMENTS = ("dev", "prod")
+REGION = "us-east-1"
+FUNCTIONS = ("Sync", "Gather", "Semaphore", "Batch")
+ROUTES = {
+    "GET /sync/{n}": "Sync",
+    "GET /async/{n}": "Gather",
+    "GET /async_sem/{n}/{k}": "Semaphore",
+    "POST /batch": "Batch",
+}
+#: The only managed policies a function role may carry (no `*` action in either).
+ALLOWED_MANAGED_POLICIES = {
+    "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",  # its own log streams
+    "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",  # added by SAM whenever Tracing is set
+}
+_NO_VALUE = object()
+
+
+def samconfig_parameters(env: str) -> dict[str, str]:
+    overrides = tomllib.loads(SAMCONFIG.read_text())[env]["deploy"]["parameters"]["parameter_overrides"]
+    return {name: str(value) for name, value in overrides.items()}
+
+
+TRANSLATE = textwrap.dedent(
+    """
+    import json, sys
+    from samtranslator.translator.transform import transform
+    from samtranslator.yaml_helper import yaml_parse
+
+    class NoManagedPolicies:  # the ARNs are given in full; nothing to look up
+        def load(self):
+            return {}
+
+    source = open(sys.argv[1]).read()
+    translated = {}
+    for name, params in json.load(sys.stdin).items():
+        template = yaml_parse(source)
+        template["Globals"]["Function"]["CodeUri"] = "s3://artifacts/function.zip"  # uploaded by sam deploy
+        template["Resources"]["FanoutLayer"]["Properties"]["ContentUri"] = "s3://artifacts/layer.zip"
+        translated[name] = transform(template, params, NoManagedPolicies())
+    print(json.dumps(translated))
+    """
+)
+OTEL_LAYER = "arn:aws:lambda:us-east-1:123456789012:layer:AWSOpenTelemetryDistroPython:9"
+TOPIC = "arn:aws:sns:us-east-1:123456789012:ops"
+
+
+def variants() -> dict[str, dict[str, str]]:
+    """Each samconfig environment, and the switches samconfig leaves off, on top of one of them."""
+    dev, prod = samconfig_parameters("dev"), samconfig_parameters("prod")
+    return {
+        "dev": dev,
+        "prod": prod,
+        "dev, otel layer": {**dev, "OtelLayerArn": OTEL_LAYER},
+        "dev, otel layer, tracing off": {**dev, "OtelLayerArn": OTEL_LAYER, "TracingEnabled": "false"},
+        "prod, jwt": {**prod, "AuthMode": "JWT", "JwtIssuer": "https://issuer.example.com", "JwtAudience": "client-1"},
+        "prod, own topic": {**prod, "AlarmTopicArn": TOPIC},
+    }
+
+
+@pytest.fixture(scope="module")
+def translations() -> dict[str, dict[str, Any]]:
+    cli = os.environ.get("FANOUT_SAM_CLI")
+    if not cli:
+        pytest.skip("SAM CLI not found: run the tests with `make test`, which installs it")
+    done = subprocess.run(
+        [str(Path(cli).with_name("python")), "-c", TRANSLATE, str(TEMPLATE)],
+        input=json.dumps(variants()),
+        env={**os.environ, "AWS_DEFAULT_REGION": REGION},  # the translator needs a region; it stays offline
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def shape(translations: dict[str, dict[str, Any]], variant: str) -> dict[str, Any]:
+    return deployed(translations[variant], variants()[variant])
+
+
+def deployed(template: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+    """The resources CloudFormation would create: conditions decided, Fn::If taken, parameter
+    Refs replaced by their values, AWS::NoValue removed. Other intrinsics are left as they are."""
+    values = {name: params.get(name, str(spec.get("Default", ""))) for name, spec in template["Parameters"].items()}
+    decided: dict[str, bool] = {}
+
+    def condition(name: str) -> bool:
+        if name not in decided:
+            decided[name] = truth(template["Conditions"][name])
+        return decided[name]
+
+    def truth(node: dict[str, Any]) -> bool:
+        ((function, args),) = node.items()
+        if function == "Fn::Equals":
+            return str(resolve(args[0])) == str(resolve(args[1]))
+        if function == "Fn::Not":
+            return not truth(args[0])
+        if function == "Fn::And":
+            return all(truth(arg) for arg in args)
+        if function == "Fn::Or":
+            return any(truth(arg) for arg in args)
+        assert function == "Condition", node
+        return condition(args)
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, list):
+            return [item for item in map(resolve, node) if item is not _NO_VALUE]
+        if not isinstance(node, dict):
+            return node
+        if node.keys() == {"Ref"} and node["Ref"] == "AWS::NoValue":
+            return _NO_VALUE
+        if node.keys() == {"Ref"} and node["Ref"] in values:
+            return values[node["Ref"]]
+        if node.keys() == {"Fn::If"}:
+            name, when_true, when_false = node["Fn::If"]
+            return resolve(when_true if condition(name) else when_false)
+        resolved = {key: resolve(value) for key, value in node.items()}
+        return {key: value for key, value in resolved.items() if value is not _NO_VALUE}
+
+    return {
+        name: resolve(resource)
+        for name, resource in template["Resources"].items()
+        if "Condition" not in resource or condition(resource["Condition"])
+    }
+
+
+@pytest.fixture(scope="module", params=ENVIRONMENTS)
+def env(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def translated(translations: dict[str, dict[str, Any]], env: str) -> dict[str, Any]:
+    return translations[env]
+
+
+@pytest.fixture(scope="module")
+def resources(translated: dict[str, Any], env: str) -> dict[str, Any]:
+    return deployed(translated, samconfig_parameters(env))
+
+
+def of_type(resources: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {name: resource["Properties"] for name, resource in resources.items() if resource["Type"] == kind}
+
+
+# --- the translated template, with each environment's parameters ------------------------------
+
+
+def test_each_function_gets_its_environments_limits_layer_and_observability(
+    resources: dict[str, Any], env: str
+) -> None:
+    params = samconfig_parameters(env)
+    functions = of_type(resources, "AWS::Lambda::Function")
+    assert set(functions) == {f"{name}Function" for name in FUNCTIONS}
+    (layer,) = of_type(resources, "AWS::Lambda::LayerVersion")
+    for name in FUNCTIONS:
+        function = functions[f"{name}Function"]
+        variables = function["Environment"]["Variables"]
+        assert variables["FANOUT_MAX_CONCURRENCY"] == params[f"{name}MaxConcurrency"]
+        reserved = int(params[f"{name}ReservedConcurrency"])
+        assert function.get("ReservedConcurrentExecutions") == (str(reserved) if reserved else None)
+        assert function["Layers"] == [{"Ref": layer}]  # no OtelLayerArn in samconfig: only ours
+        assert "AWS_LAMBDA_EXEC_WRAPPER" not in variables
+        assert variables["LOG_LEVEL"] == params["LogLevel"]
+        assert variables["POWERTOOLS_METRICS_NAMESPACE"] == params["MetricsNamespace"]
+        assert function["TracingConfig"] == {"Mode": "Active" if params["TracingEnabled"] == "true" else "PassThrough"}
+        assert function["Runtime"] == "python3.13" and function["Timeout"] == 30
+    assert functions["BatchFunction"]["Environment"]["Variables"]["FANOUT_UPSTREAMS"] == params["Upstreams"]
+
+
+def test_reserved_concurrency_is_set_in_prod_and_left_to_the_account_in_dev(
+    resources: dict[str, Any], env: str
+) -> None:
+    reserved = {
+        name: props.get("ReservedConcurrentExecutions")
+        for name, props in of_type(resources, "AWS::Lambda::Function").items()
+    }
+    if env == "prod":
+        assert all(value is not None and int(value) > 0 for value in reserved.values()), reserved
+    else:
+        assert set(reserved.values()) == {None}
+
+
+def test_the_otel_layer_and_its_wrapper_come_together(translations: dict[str, dict[str, Any]]) -> None:
+    for function in of_type(shape(translations, "dev, otel layer"), "AWS::Lambda::Function").values():
+        assert function["Layers"][1] == OTEL_LAYER
+        assert function["Environment"]["Variables"]["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/otel-instrument"
+    off = shape(translations, "dev, otel layer, tracing off")
+    for function in of_type(off, "AWS::Lambda::Function").values():
+        assert len(function["Layers"]) == 1 and "AWS_LAMBDA_EXEC_WRAPPER" not in function["Environment"]["Variables"]
+        assert function["TracingConfig"] == {"Mode": "PassThrough"}
+
+
+@pytest.mark.parametrize(("variant", "auth_mode"), [("prod", "AWS_IAM"), ("prod, jwt", "JWT")])
+def test_routes_reach_their_function_with_the_chosen_authorizer_and_throttles(
+    translations: dict[str, dict[str, Any]], variant: str, auth_mode: str
+) -> None:
+    params, resources = variants()[variant], shape(translations, variant)
+    integrations = of_type(resources, "AWS::ApiGatewayV2::Integration")
+    routes = {props["RouteKey"]: props for props in of_type(resources, "AWS::ApiGatewayV2::Route").values()}
+    assert set(routes) == set(ROUTES)
+    authorizers = of_type(resources, "AWS::ApiGatewayV2::Authorizer")
+    for key, function in ROUTES.items():
+        integration = integrations[routes[key]["Target"]["Fn::Sub"].removeprefix("integrations/${").rstrip("}")]
+        assert integration["IntegrationUri"] == {"Fn::GetAtt": [f"{function}Function", "Arn"]}
+        assert routes[key]["AuthorizationType"] == auth_mode
+        if auth_mode == "JWT":
+            assert routes[key]["AuthorizerId"] == {"Ref": "JwtAuthorizer"}
+        else:
+            assert "AuthorizerId" not in routes[key]
+    assert set(authorizers) == ({"JwtAuthorizer"} if auth_mode == "JWT" else set())
+    (stage,) = of_type(resources, "AWS::ApiGatewayV2::Stage").values()
+    assert stage["DefaultRouteSettings"] == {
+        "ThrottlingBurstLimit": params["ThrottlingBurstLimit"],
+        "ThrottlingRateLimit": params["ThrottlingRateLimit"],
+    }
+    assert stage["AccessLogSettings"]["DestinationArn"] == {"Fn::GetAtt": ["ApiAccessLogGroup", "Arn"]}
+    access_format = stage["AccessLogSettings"]["Format"]
+    assert json.loads(access_format.replace("\n", ""))["requestId"] == "$context.requestId"
+
+
+def test_every_log_group_expires(resources: dict[str, Any], env: str) -> None:
+    params = samconfig_parameters(env)
+    groups = of_type(resources, "AWS::Logs::LogGroup")
+    assert {name: props["RetentionInDays"] for name, props in groups.items()} == {
+        **{f"{name}FunctionLogGroup": params["LogRetentionDays"] for name in FUNCTIONS},
+        "ApiAccessLogGroup": params["AccessLogRetentionDays"],
+    }
+    for name in FUNCTIONS:  # the group the function writes to, not a look-alike
+        assert groups[f"{name}FunctionLogGroup"]["LogGroupName"] == {"Fn::Sub": f"/aws/lambda/${{{name}Function}}"}
+
+
+def test_alarms_cover_every_function_and_the_api(resources: dict[str, Any]) -> None:
+    alarms = of_type(resources, "AWS::CloudWatch::Alarm")
+    timeout_ms = 30 * 1000
+    for name in FUNCTIONS:
+        by_metric = {
+            props["MetricName"]: props
+            for props in alarms.values()
+            if props["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": f"{name}Function"}}]
+        }
+        assert set(by_metric) == {"Errors", "Throttles", "Duration"}
+        assert by_metric["Duration"]["Threshold"] == 0.9 * timeout_ms
+        assert by_metric["Duration"]["Statistic"] == "Maximum"
+    (api,) = [props for props in alarms.values() if props["Namespace"] == "AWS/ApiGateway"]
+    assert (api["MetricName"], api["Dimensions"]) == ("5xx", [{"Name": "ApiId", "Value": {"Ref": "FanoutApi"}}])
+    assert len(alarms) == 4 * 3 + 1
+    assert all(props["AlarmActions"] == [{"Ref": "AlarmTopic"}] for props in alarms.values())
+    assert "AlarmTopic" in of_type(resources, "AWS::SNS::Topic")
+
+
+def test_alarms_notify_a_given_topic_instead_of_creating_one(translations: dict[str, dict[str, Any]]) -> None:
+    resources = shape(translations, "prod, own topic")
+    assert of_type(resources, "AWS::SNS::Topic") == {}
+    alarms = of_type(resources, "AWS::CloudWatch::Alarm").values()
+    assert {tuple(props["AlarmActions"]) for props in alarms} == {(TOPIC,)}
+
+
+def test_roles_are_least_privilege(resources: dict[str, Any]) -> None:
+    roles = of_type(resources, "AWS::IAM::Role")
+    assert set(roles) == {f"{name}FunctionRole" for name in FUNCTIONS}
+    for role in roles.values():
+        assert set(role["ManagedPolicyArns"]) <= ALLOWED_MANAGED_POLICIES
+        statements = [s for policy in role.get("Policies", []) for s in policy["PolicyDocument"]["Statement"]]
+        actions = [a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
+        assert not [a for a in actions if a == "*" or a.endswith(":*")]
+        (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
+        assert trust["Principal"] == {"Service": ["lambda.amazonaws.com"]}
+
+
+# --- the same stack in moto, read back through boto3 ------------------------------------------
+
+
+MOTO_CLOUDFORMATION_LACKS = ("AWS::ApiGatewayV2::", "AWS::CloudWatch::Alarm")
+
+
+def for_moto_cloudformation(template: dict[str, Any]) -> dict[str, Any]:
+    """Without what moto's CloudFormation cannot create; what referred to the API refers to a
+    made-up API id instead (the permissions' SourceArn)."""
+    template = copy.deepcopy(template)
+    for name in [n for n, r in template["Resources"].items() if r["Type"].startswith(MOTO_CLOUDFORMATION_LACKS)]:
+        del template["Resources"][name]
+    template["Outputs"].pop("ApiUrl")
+    text = json.dumps(template).replace('{"Ref": "FanoutApi"}', '"fanoutapi"').replace("${FanoutApi}", "fanoutapi")
+    return json.loads(text)
+
+
+def _zip(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stack_in_moto(translated: dict[str, Any], env: str) -> Iterator[dict[str, str]]:
+    """The translated stack created in moto; yields logical id -> physical id."""
+    params = samconfig_parameters(env)
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+    with pytest.MonkeyPatch.context() as patch, mock_aws(config={"iam": {"load_aws_managed_policies": True}}):
+        for name, value in credentials.items():
+            patch.setenv(name, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="artifacts")  # what `sam deploy` uploads first
+        s3.put_object(Bucket="artifacts", Key="function.zip", Body=_zip({"app.py": "handler = None\n"}))
+        s3.put_object(Bucket="artifacts", Key="layer.zip", Body=_zip({"python/fanout/__init__.py": ""}))
+        template = for_moto_cloudformation(translated)
+        cloudformation = boto3.client("cloudformation")
+        cloudformation.create_stack(
+            StackName=f"fanout-{env}",
+            TemplateBody=json.dumps(template),
+            Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()],
+            Capabilities=["CAPABILITY_IAM"],
+        )
+        (stack,) = cloudformation.describe_stacks(StackName=f"fanout-{env}")["Stacks"]
+        assert stack["StackStatus"] == "CREATE_COMPLETE", stack.get("StackStatusReason")
+        physical = {
+            r["LogicalResourceId"]: r["PhysicalResourceId"]
+            for r in cloudformation.list_stack_resources(StackName=f"fanout-{env}")["StackResourceSummaries"]
+        }
+        resources = deployed(translated, params)
+        # moto's CloudFormation creates roles without their managed policies: attach them through
+        # IAM's API, where moto holds the AWS-managed policies' documents.
+        iam = boto3.client("iam")
+        for name, props in of_type(resources, "AWS::IAM::Role").items():
+            for arn in props["ManagedPolicyArns"]:
+                iam.attach_role_policy(RoleName=physical[name], PolicyArn=arn)
+        # The alarms through CloudWatch's API, with the references CloudFormation would fill in.
+        cloudwatch = boto3.client("cloudwatch")
+        for name, props in of_type(resources, "AWS::CloudWatch::Alarm").items():
+            filled = json.loads(
+                json.dumps(props).replace('{"Ref": "FanoutApi"}', '"fanoutapi"'),
+                object_hook=lambda node: physical[node["Ref"]] if node.keys() == {"Ref"} else node,
+            )
+            cloudwatch.put_metric_alarm(AlarmName=f"fanout-{env}-{name}", **filled)
+        yield physical
+
+
+def test_moto_creates_the_functions_with_their_concurrency(stack_in_moto: dict[str, str], env: str) -> None:
+    params = samconfig_parameters(env)
+    client = boto3.client("lambda")
+    for name in FUNCTIONS:
+        function_name = stack_in_moto[f"{name}Function"]
+        config = client.get_function_configuration(FunctionName=function_name)
+        variables = config["Environment"]["Variables"]
+        assert str(variables["FANOUT_MAX_CONCURRENCY"]) == params[f"{name}MaxConcurrency"]  # moto keeps the int
+        assert config["Runtime"] == "python3.13" and config["Handler"] == "app.handler"
+        assert config["Role"].endswith(stack_in_moto[f"{name}FunctionRole"])
+        reserved = client.get_function_concurrency(FunctionName=function_name).get("ReservedConcurrentExecutions")
+        assert reserved == (int(params[f"{name}ReservedConcurrency"]) or None)
+    (layer,) = client.list_layers()["Layers"]
+    assert layer["LatestMatchingVersion"]["CompatibleRuntimes"] == ["python3.13"]
+
+
+def test_moto_creates_log_groups_with_retention_and_least_privilege_roles(
+    stack_in_moto: dict[str, str], env: str
+) -> None:
+    params = samconfig_parameters(env)
+    groups = {
+        g["logGroupName"]: g.get("retentionInDays") for g in boto3.client("logs").describe_log_groups()["logGroups"]
+    }
+    for name in FUNCTIONS:
+        assert groups[f"/aws/lambda/{stack_in_moto[f'{name}Function']}"] == int(params["LogRetentionDays"])
+    assert groups[f"/aws/vendedlogs/fanout-{env}/api-access"] == int(params["AccessLogRetentionDays"])
+    iam = boto3.client("iam")
+    for name in FUNCTIONS:
+        role = iam.get_role(RoleName=stack_in_moto[f"{name}FunctionRole"])["Role"]
+        (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
+        assert trust["Principal"] == {"Service": ["lambda.amazonaws.com"]}
+        assert iam.list_role_policies(RoleName=role["RoleName"])["PolicyNames"] == []
+        attached = iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
+        assert {p["PolicyArn"] for p in attached} == ALLOWED_MANAGED_POLICIES
+        for policy in attached:  # the AWS-managed documents as moto holds them: no wildcard action
+            version = iam.get_policy(PolicyArn=policy["PolicyArn"])["Policy"]["DefaultVersionId"]
+            document = iam.get_policy_version(PolicyArn=policy["PolicyArn"], VersionId=version)["PolicyVersion"]
+            statements = document["Document"]["Statement"]
+            actions = [a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
+            assert actions and not [a for a in actions if a == "*" or a.endswith(":*")], policy["PolicyArn"]
+
+
+def test_moto_alarms_watch_the_created_functions_and_notify_the_topic(stack_in_moto: dict[str, str]) -> None:
+    (topic,) = [t["TopicArn"] for t in boto3.client("sns").list_topics()["Topics"]]
+    assert topic == stack_in_moto["AlarmTopic"]
+    alarms = boto3.client("cloudwatch").describe_alarms()["MetricAlarms"]
+    assert len(alarms) == 13
+    watched = {
+        (alarm["MetricName"], alarm["Dimensions"][0]["Value"]) for alarm in alarms if alarm["Namespace"] == "AWS/Lambda"
+    }
+    assert watched == {
+        (metric, stack_in_moto[f"{name}Function"])
+        for metric in ("Errors", "Throttles", "Duration")
+        for name in FUNCTIONS
+    }
+    assert all(alarm["AlarmActions"] == [topic] for alarm in alarms)
+
+
+# --- the SAM CLI reads samconfig.toml as we do ---------------------------------------------------
+
+SAM_READS_SAMCONFIG = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from samcli.cli.types import CfnParameterOverridesType
+    from samcli.lib.config.samconfig import SamConfig
+
+    config = SamConfig(Path(sys.argv[1]), "samconfig.toml")
+    out = {}
+    for env in sys.argv[2:]:
+        deploy = dict(config.get_all(["deploy"], "parameters", env=env))
+        deploy["parameter_overrides"] = CfnParameterOverridesType().convert(deploy["parameter_overrides"], None, None)
+        out[env] = deploy
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.sam
+def test_the_sam_cli_reads_each_environment_as_these_tests_do() -> None:
+    cli = os.environ.get("FANOUT_SAM_CLI")
+    if not cli:
+        pytest.skip("SAM CLI not found: run the tests with `make test`, which installs it")
+    python = str(Path(cli).with_name("python"))
+    done = subprocess.run(
+        [python, "-c", SAM_READS_SAMCONFIG, str(ROOT), *ENVIRONMENTS], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    read = json.loads(done.stdout)
+    for env in ENVIRONMENTS:
+        assert read[env]["parameter_overrides"] == samconfig_parameters(env)
+        assert read[env]["stack_name"] == f"fanout-{env}"
+        assert read[env]["capabilities"] == "CAPABILITY_IAM"
+        assert read[env]["region"] == REGION
+        assert set(read[env]["parameter_overrides"]) <= set(load_template(TEMPLATE)["Parameters"])
