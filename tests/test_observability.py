@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from conftest import lambda_context, load_event, post_batch
-from fanout.observability import DEFAULT_SERVICE
+from fanout.observability import DEFAULT_SERVICE, latency_sample
 from fanout_local.upstream import LocalUpstream
 
 NAMESPACE = "fanout-test"
@@ -278,3 +278,22 @@ def test_each_upstream_attempt_is_a_client_span_under_the_call(
     slow = [span for span in attempts if span.attributes["fanout.target"] == "orders"]
     assert [span.attributes["error.type"] for span in slow] == ["ReadTimeout", "ReadTimeout"]
     assert call.attributes["fanout.n"] == 2
+
+
+def test_a_large_call_publishes_a_sample_of_its_latencies_and_every_count(cold_start: Any, output: Any) -> None:
+    handler = cold_start(FANOUT_MAX_CONCURRENCY="50")
+    assert handler(seed_event("async-http-api-v2.json", 250, "/async/250"), lambda_context())["statusCode"] == 200
+    out = output()  # and no warning (an error here) about an empty flush after Powertools' own at 100 values
+
+    assert out.metric("UpstreamRequests", function="gather", target="default") == [250.0]
+    latencies = out.metric("UpstreamLatency", function="gather", target="default")
+    assert len(latencies) == 100 and latencies == sorted(latencies)
+
+
+def test_latency_sample_keeps_every_value_up_to_the_size_then_order_statistics() -> None:
+    assert latency_sample([3.0, 1.0, 2.0], size=5) == [3.0, 1.0, 2.0]
+    values = [float(v) for v in range(1000, 0, -1)]  # 1000 .. 1, unordered for the sample
+    sample = latency_sample(values, size=100)
+    assert len(sample) == 100
+    assert (sample[0], sample[-1]) == (1.0, 1000.0)  # min and max kept
+    assert sample[49] == 1 + round(49 * 999 / 99)  # the median region, evenly spaced

@@ -41,6 +41,7 @@ DEFAULT_NAMESPACE = "fanout"
 
 _tracer = trace.get_tracer("fanout")
 R = TypeVar("R")
+LATENCY_SAMPLE_SIZE = 100  # UpstreamLatency values per target per call: one EMF metric's worth
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +149,7 @@ class Telemetry:
         if call.rate_limit_waits is not None:
             calls.add_metric("RateLimitWaits", MetricUnit.Count, call.rate_limit_waits)
             calls.add_metric("RateLimitWaitTime", MetricUnit.Milliseconds, summary["rate_limit_wait_ms"])
-        calls.flush_metrics()
+        _flush(calls)
 
         by_target: dict[str, list[UpstreamRecord]] = defaultdict(list)
         for record in call.requests:
@@ -157,14 +158,14 @@ class Telemetry:
             sent = self._metrics(function=call.function, target=target)
             sent.add_metric("UpstreamRequests", MetricUnit.Count, sum(r.attempts for r in records))
             sent.add_metric("Retries", MetricUnit.Count, sum(max(r.attempts - 1, 0) for r in records))
-            for latency in (ms for r in records for ms in r.latencies_ms):
-                sent.add_metric("UpstreamLatency", MetricUnit.Milliseconds, latency)  # flushed per 100 values
-            sent.flush_metrics()
+            for latency in latency_sample([ms for r in records for ms in r.latencies_ms]):
+                sent.add_metric("UpstreamLatency", MetricUnit.Milliseconds, latency)
+            _flush(sent)
             failures = Counter(r.error_type for r in records if r.error_type is not None)
             for error_type, count in sorted(failures.items()):
                 failed = self._metrics(function=call.function, target=target, error_type=error_type)
                 failed.add_metric("UpstreamFailures", MetricUnit.Count, count)
-                failed.flush_metrics()
+                _flush(failed)
 
     def _metrics(self, **dimensions: str) -> EphemeralMetrics:
         metrics = EphemeralMetrics(namespace=self.namespace, service=self.service)
@@ -184,17 +185,16 @@ async def traced_attempt(
 ) -> R:
     """One upstream attempt in a client span (an X-Ray subsegment); its latency is appended
     to `latencies_ms` when it ends with an answer or an error, not when it is cancelled."""
+    if not trace.get_current_span().is_recording():  # no SDK, or the call is not sampled: skip the span
+        return await _timed(attempt, latencies_ms)
     attributes = {"fanout.target": target, "http.request.method": method, "url.path": path}
     with _tracer.start_as_current_span(f"{method} {target}", kind=SpanKind.CLIENT, attributes=attributes) as span:
-        started = time.perf_counter()
         try:
-            result = await attempt()
+            result = await _timed(attempt, latencies_ms)
         except RequestError as exc:
-            latencies_ms.append(_ms_since(started))
             span.set_attribute("error.type", exc.kind)  # the kind only: a message may hold a URL
             span.set_status(Status(StatusCode.ERROR))
             raise
-        latencies_ms.append(_ms_since(started))
         status = status_of(result)
         span.set_attribute("http.response.status_code", status)
         if status >= 500:
@@ -202,8 +202,40 @@ async def traced_attempt(
         return result
 
 
+async def _timed(attempt: Callable[[], Awaitable[R]], latencies_ms: list[float]) -> R:
+    started = time.perf_counter()
+    try:
+        result = await attempt()
+    except RequestError:
+        latencies_ms.append(_ms_since(started))
+        raise
+    latencies_ms.append(_ms_since(started))
+    return result
+
+
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _flush(metrics: EphemeralMetrics) -> None:
+    """Publish what is left: Powertools publishes a metric itself once it holds 100 values."""
+    if metrics.metric_set:
+        metrics.flush_metrics()
+
+
+def latency_sample(latencies_ms: list[float], size: int = LATENCY_SAMPLE_SIZE) -> list[float]:
+    """All the latencies up to `size`; beyond, `size` evenly spaced order statistics (min and max kept).
+
+    One EMF metric holds at most 100 values, and Powertools' add_metric costs about
+    16 us a value: 1,000 requests would add 16 ms to every call. The sample keeps
+    the shape of the call's distribution (its percentiles to 1%), not its count:
+    UpstreamRequests counts.
+    """
+    if len(latencies_ms) <= size:
+        return latencies_ms
+    ordered = sorted(latencies_ms)
+    step = (len(ordered) - 1) / (size - 1)
+    return [ordered[round(index * step)] for index in range(size)]
 
 
 @contextmanager
