@@ -309,6 +309,7 @@ def test_roles_are_least_privilege(resources: dict[str, Any]) -> None:
 
 
 MOTO_CLOUDFORMATION_LACKS = ("AWS::ApiGatewayV2::", "AWS::CloudWatch::Alarm")
+API_ID = "fanoutapi"  # stands for the API moto cannot create
 
 
 def for_moto_cloudformation(template: dict[str, Any]) -> dict[str, Any]:
@@ -318,7 +319,7 @@ def for_moto_cloudformation(template: dict[str, Any]) -> dict[str, Any]:
     for name in [n for n, r in template["Resources"].items() if r["Type"].startswith(MOTO_CLOUDFORMATION_LACKS)]:
         del template["Resources"][name]
     template["Outputs"].pop("ApiUrl")
-    text = json.dumps(template).replace('{"Ref": "FanoutApi"}', '"fanoutapi"').replace("${FanoutApi}", "fanoutapi")
+    text = json.dumps(template).replace('{"Ref": "FanoutApi"}', f'"{API_ID}"').replace("${FanoutApi}", API_ID)
     return json.loads(text)
 
 
@@ -365,10 +366,10 @@ def stack_in_moto(translated: dict[str, Any], env: str) -> Iterator[dict[str, st
                 iam.attach_role_policy(RoleName=physical[name], PolicyArn=arn)
         # The alarms through CloudWatch's API, with the references CloudFormation would fill in.
         cloudwatch = boto3.client("cloudwatch")
+        refs = {**physical, "FanoutApi": API_ID}
         for name, props in of_type(resources, "AWS::CloudWatch::Alarm").items():
             filled = json.loads(
-                json.dumps(props).replace('{"Ref": "FanoutApi"}', '"fanoutapi"'),
-                object_hook=lambda node: physical[node["Ref"]] if node.keys() == {"Ref"} else node,
+                json.dumps(props), object_hook=lambda node: refs[node["Ref"]] if node.keys() == {"Ref"} else node
             )
             cloudwatch.put_metric_alarm(AlarmName=f"fanout-{env}-{name}", **filled)
         yield physical
