@@ -36,12 +36,17 @@ class Strategy(enum.StrEnum):
 
 
 class RequestError(Exception):
-    """A request failed; `kind` names how, in one vocabulary whatever the transport."""
+    """A request failed; `kind` names how, in one vocabulary whatever the transport.
 
-    def __init__(self, kind: str, detail: str = "") -> None:
+    `detail` is what the caller may read; `internal`, when set, what only the log
+    line may keep (the address a name resolved to, say).
+    """
+
+    def __init__(self, kind: str, detail: str = "", *, internal: str | None = None) -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
         self.detail = detail
+        self.internal = internal
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +92,13 @@ async def fan_out(
         if stop is not None and stop.is_set():
             outcomes[index] = Outcome(skipped=SKIPPED_FAIL_FAST)
             return
+        if time.monotonic() >= ends:
+            return  # skipped for the deadline, even where a request swallowed the timeout's cancellation
         started[index] = True
-        outcomes[index] = await _attempt(send, index)
+        outcome = await _attempt(send, index)
+        if outcome.error is not None and time.monotonic() >= ends:
+            outcome = Outcome(error=DEADLINE_EXCEEDED)  # cut by the deadline, whatever the client called it
+        outcomes[index] = outcome
 
     async def bounded(index: int) -> None:
         if limiter is None:
@@ -97,6 +107,10 @@ async def fan_out(
             return await run_one(index)
 
     begun = time.perf_counter()
+    # asyncio.timeout cancels what is in flight at the deadline. A client whose own timer fires
+    # in the same instant can turn that cancellation into its own timeout error (aiohttp's
+    # TimerContext does), so nothing starts past `ends` whatever became of the cancellation.
+    ends = time.monotonic() + deadline_s
     try:
         async with asyncio.timeout(deadline_s):
             if strategy is Strategy.SYNC:
