@@ -45,7 +45,7 @@ class HttpxTransport(LoopBound):
             raise RequestError(type(exc).__name__) from exc
         return response.status_code
 
-    def _open(self) -> Any:
+    def _open(self, key: Any) -> Any:
         lib = self.library
         limits = lib.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
         return lib.AsyncClient(
@@ -57,22 +57,24 @@ class HttpxTransport(LoopBound):
 
 
 class HttpxAiohttpTransport(HttpxTransport):
-    def _open(self) -> httpx.AsyncClient:
+    def _open(self, key: Any) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
         transport = HttpxOnAiohttp(limits=limits, verify=self.ssl_context or True)
         return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(self.timeout_s, pool=None))
 
 
 class UnguardedAiohttp(AiohttpTransport):
-    """The service's transport without the egress guard: what the guard costs."""
+    """The service's transport without the egress guard (its resolver and socket factory): what the guard costs."""
 
-    def _check_literal(self, url: Any) -> None:
-        pass
-
-    def _open(self) -> aiohttp.ClientSession:
+    def _open(self, key: Any) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
-        return aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=False,
+        )
 
 
 class Candidate:

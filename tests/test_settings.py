@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -55,3 +57,33 @@ def test_bad_config_fails_the_cold_start() -> None:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 1
     assert "ConfigError: Invalid configuration: FANOUT_MAX_CONCURRENCY (got 'lots')" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("upstreams", "named"),
+    [
+        ({"a": {"url": "https://a.example", "allow_cidrs": ["10.0.0.0/8"]}}, "allow_cidrs narrows a private target"),
+        ({"a": {"url": "https://a.example", "private": True, "allow_cidrs": ["10.0.0.1/8"]}}, "[a.allow_cidrs.0]"),
+        ({"a": {"url": "https://a.example", "redirect_hosts": ["https://b.example"]}}, "is not a lower-case host name"),
+        ({"a": {"url": "https://a.example", "redirect_hosts": ["B.example"]}}, "is not a lower-case host name"),
+        ({"a": {"url": "https://a.example", "redirect_hosts": ["b.example:8443"]}}, "is not a lower-case host name"),
+        ({"a": {"url": "http://a.example"}}, "is plain http: set allow_http to true"),
+        ({"a": {"url": "https://a.example", "max_redirects": 11}}, "[a.max_redirects]"),
+    ],
+)
+def test_bad_target_names_the_target_and_field(
+    upstreams: dict[str, Any], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FANOUT_UPSTREAMS", json.dumps(upstreams))
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert str(error.value).startswith("Invalid configuration: FANOUT_UPSTREAMS")
+    assert named in str(error.value)
+
+
+def test_a_private_target_with_its_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    target = {"url": "https://db.internal", "private": True, "allow_cidrs": ["10.1.0.0/16", "fd00:1::/64"]}
+    monkeypatch.setenv("FANOUT_UPSTREAMS", json.dumps({"db": target, "b": "https://b.example"}))
+    settings = load_settings()
+    assert [str(net) for net in settings.upstreams["db"].allow_cidrs] == ["10.1.0.0/16", "fd00:1::/64"]
+    assert (settings.upstreams["b"].private, settings.upstreams["b"].redirect_hosts) == (False, ())

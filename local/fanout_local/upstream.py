@@ -166,7 +166,9 @@ class LocalUpstream:
             writer.write(_response(200, {"call": calls}, keep_alive))
         elif path == "/attempts":
             writer.write(_response(200, {"calls": self.calls.get(key, 0)}, keep_alive))
-        elif path == "/echo":
+        elif path == "/loop":
+            writer.write(_response(302, {}, keep_alive, ("location: /loop",)))
+        elif path == "/echo" or path.startswith("/echo/"):
             echoed = {
                 "method": request.method,
                 "target": request.target,

@@ -30,9 +30,11 @@ from tenacity import (
     stop_after_attempt,
     wait_random_exponential,
 )
+from yarl import URL
 
-from fanout.engine import Outcome, RequestError, Strategy, fan_out
+from fanout.engine import DEADLINE_EXCEEDED, Outcome, RequestError, Strategy, fan_out
 from fanout.observability import UpstreamRecord, traced_attempt
+from fanout.targets import TargetScope
 from fanout.transports import AiohttpTransport, UpstreamResponse
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -40,6 +42,7 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_ERRORS = frozenset({"ConnectError", "ConnectTimeout", "ReadTimeout", "ReadError", "RemoteProtocolError"})
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
+CUT_BY_DEADLINE = "the call's deadline passed while this request was in flight"
 RATE_LIMIT_WAIT_S = 0.001  # an attempt that waited longer than this for the rate limit counts as a wait
 
 
@@ -47,14 +50,16 @@ RATE_LIMIT_WAIT_S = 0.001  # an attempt that waited longer than this for the rat
 class BatchItem:
     id: str
     method: str
-    url: str
+    url: URL
     headers: dict[str, str]
     body: bytes | None
+    scope: TargetScope  # where the request and its redirects may go
     idempotency_key: str | None = None
-    max_redirects: int = 0
-    check_redirect: Callable[[str], None] = lambda _url: None
-    target: str = ""  # the FANOUT_UPSTREAMS name and the path, for logs, metrics and spans
-    path: str = "/"
+    path: str = "/"  # as the caller gave it, for logs, metrics and spans (never the query)
+
+    @property
+    def target(self) -> str:
+        return self.scope.name
 
     @property
     def retryable(self) -> bool:
@@ -69,6 +74,7 @@ class ItemReport:
     response: UpstreamResponse | None = None
     error: str | None = None
     message: str = ""
+    internal: str | None = None  # what only the log line may show (RequestError.internal)
     skipped: str | None = None
     latencies_ms: tuple[float, ...] = ()  # one per attempt that ended
 
@@ -97,6 +103,7 @@ class BatchRun:
                 latencies_ms=report.latencies_ms,
                 status=report.response.status if report.response is not None else None,
                 error=report.error,
+                internal=report.internal,
                 skipped=report.skipped is not None,
             )
             for item, report in zip(items, self.reports, strict=True)
@@ -155,6 +162,8 @@ class BatchRunner:
             started = time.perf_counter()
             report = await self._send_with_retries(items[index], index, progress, deadline)
             report = replace(report, elapsed_s=time.perf_counter() - started)
+            if report.error is not None and time.monotonic() >= deadline:  # see fanout.engine: cut, not failed
+                report = replace(report, error=DEADLINE_EXCEEDED, message=CUT_BY_DEADLINE, internal=None)
             if stop is not None and not report.ok:
                 stop.set()
             return report
@@ -193,8 +202,7 @@ class BatchRunner:
                     headers=headers,
                     body=item.body,
                     max_body_bytes=self.max_item_bytes,
-                    max_redirects=item.max_redirects,
-                    check_redirect=item.check_redirect,
+                    scope=item.scope,
                 ),
                 target=item.target,
                 method=item.method,
@@ -212,7 +220,14 @@ class BatchRunner:
         try:
             response = await retrying(attempt)
         except RequestError as exc:
-            return ItemReport(id=item.id, attempts=attempts[index], elapsed_s=0, error=exc.kind, message=exc.detail)
+            return ItemReport(
+                id=item.id,
+                attempts=attempts[index],
+                elapsed_s=0,
+                error=exc.kind,
+                message=exc.detail,
+                internal=exc.internal,
+            )
         return ItemReport(id=item.id, attempts=attempts[index], elapsed_s=0, response=response)
 
     async def _rate_limit(self, progress: _Progress) -> None:
@@ -254,5 +269,5 @@ def _report(item: BatchItem, outcome: Outcome[ItemReport], attempts: int, elapse
         return outcome.value
     if outcome.skipped is not None:
         return ItemReport(id=item.id, attempts=attempts, elapsed_s=0.0, skipped=outcome.skipped)
-    message = "the call's deadline passed while this request was in flight" if attempts else outcome.detail
+    message = CUT_BY_DEADLINE if attempts else outcome.detail
     return ItemReport(id=item.id, attempts=attempts, elapsed_s=elapsed_s, error=outcome.error, message=message)

@@ -17,13 +17,13 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from yarl import URL
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from fanout.batch import BatchItem, BatchRun, ItemReport
-from fanout.engine import RequestError, Strategy
+from fanout.engine import Strategy
 from fanout.observability import CallReport, Telemetry, call_span
-from fanout.settings import ENV_PREFIX, Settings, UpstreamTarget
+from fanout.settings import ENV_PREFIX, Settings
+from fanout.targets import TargetScope, check_path, target_url
 
 #: Request headers a caller may set; anything else is refused with a 422 naming it.
 ALLOWED_HEADERS = frozenset(
@@ -56,8 +56,11 @@ class BatchRequestItem(BaseModel):
     id: str = Field(min_length=1, max_length=128)
     method: Method = "GET"
     target: str = Field(min_length=1, description="A name from the function's FANOUT_UPSTREAMS.")
-    path: str = Field(
-        default="/", max_length=2048, pattern=r"^/([^/\s\\?#][^\s\\?#]*)?$", description="Relative to the target."
+    path: Annotated[str, AfterValidator(check_path)] = Field(
+        default="/",
+        max_length=2048,
+        pattern=r"^/([^/\s\\?#][^\s\\?#]*)?$",
+        description="Appended to the target's base URL; never '.' or '..' segments, also percent-encoded.",
     )
     query: dict[str, str | int | float | bool] = Field(default_factory=dict)
     headers: dict[str, Annotated[str, Field(pattern=r"^[^\r\n]*$")]] = Field(default_factory=dict)
@@ -94,6 +97,7 @@ class BatchRequest(BaseModel):
 
 def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telemetry) -> None:
     """Register POST /batch; `run(items, strategy=..., concurrency=..., budget_s=..., fail_fast=...)`."""
+    scopes = {name: TargetScope.of(name, target) for name, target in settings.upstreams.items()}
 
     async def body_within_limit(request: Request) -> None:
         size = len(await request.body())
@@ -111,7 +115,7 @@ def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telem
                 f"at most {settings.max_requests} requests per call "
                 f"({ENV_PREFIX}MAX_REQUESTS), got {len(call.requests)}",
             )
-        items = [_to_item(index, item, settings) for index, item in enumerate(call.requests)]
+        items = [_to_item(index, item, settings, scopes) for index, item in enumerate(call.requests)]
         concurrency = min(call.concurrency or settings.max_concurrency, settings.max_concurrency)
         budget = _budget_s(call.deadline_s, settings.deadline_s, request.scope.get("aws.context"))
         with call_span("batch", call.strategy, len(items)):
@@ -141,7 +145,7 @@ def _refuse(loc: tuple[str | int, ...], message: str, given: Any = None) -> None
     raise RequestValidationError([{"loc": loc, "msg": message, "type": "value_error", "input": given}])
 
 
-def _to_item(index: int, item: BatchRequestItem, settings: Settings) -> BatchItem:
+def _to_item(index: int, item: BatchRequestItem, settings: Settings, scopes: dict[str, TargetScope]) -> BatchItem:
     target = settings.upstreams.get(item.target)
     if target is None:
         allowed = ", ".join(sorted(settings.upstreams)) or f"none: {ENV_PREFIX}UPSTREAMS is empty"
@@ -166,35 +170,13 @@ def _to_item(index: int, item: BatchRequestItem, settings: Settings) -> BatchIte
     return BatchItem(
         id=item.id,
         method=item.method,
-        url=str(target_url(target, item.path, item.query)),
+        url=target_url(str(target.url), item.path, item.query),
         headers=headers,
         body=body,
+        scope=scopes[item.target],
         idempotency_key=item.idempotency_key,
-        max_redirects=target.max_redirects,
-        target=item.target,
         path=item.path,
-        check_redirect=lambda url, target=target: check_scheme(target, URL(url)),
     )
-
-
-def target_url(target: UpstreamTarget, path: str, query: dict[str, Any]) -> URL:
-    """The target's base URL with `path` appended: never another host, whatever the path says."""
-    base = URL(str(target.url))
-    joined = base.with_path(base.path.rstrip("/") + path)
-    return (
-        joined.with_query(
-            {key: str(value).lower() if isinstance(value, bool) else value for key, value in query.items()}
-        )
-        if query
-        else joined
-    )
-
-
-def check_scheme(target: UpstreamTarget, url: URL) -> None:
-    """A redirect may only go to https (or http if the target allows it)."""
-    allowed = {"https", "http"} if target.allow_http else {"https"}
-    if url.scheme not in allowed:
-        raise RequestError("RedirectRefused", f"redirect to {url.scheme}: is not allowed for this target")
 
 
 def _budget_s(asked: float | None, configured: float, context: Any) -> float:

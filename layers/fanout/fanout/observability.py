@@ -57,6 +57,7 @@ class UpstreamRecord:
     latencies_ms: tuple[float, ...] = ()  # one per attempt that ended (answered or failed)
     status: int | None = None
     error: str | None = None  # transport error kind, e.g. ReadTimeout
+    internal: str | None = None  # what the log line may add that the caller never sees (a refused address)
     skipped: bool = False
 
     @property
@@ -137,6 +138,7 @@ class Telemetry:
                         "error_type": record.error_type,
                         "status": record.status,
                         "attempts": record.attempts,
+                        **({"detail": record.internal} if record.internal else {}),
                     },
                 )
         self.logger.info("fanout call", extra=summary)

@@ -7,9 +7,10 @@ the variable's name, not surface later as a 500 on some request.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, Field, HttpUrl, ValidationError, model_validator
+from pydantic import BaseModel, Field, HttpUrl, IPvAnyNetwork, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from fanout.transports import TransportName
@@ -28,11 +29,14 @@ class ConfigError(RuntimeError):
     """The environment holds a value the service cannot start with."""
 
 
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
 class UpstreamTarget(BaseModel):
     """One name a /batch caller may send requests to, and what it allows.
 
     In FANOUT_UPSTREAMS either a URL string (https only, no redirects, no
-    Authorization forwarded) or an object with these fields.
+    Authorization forwarded, public addresses only) or an object with these fields.
     """
 
     model_config = {"frozen": True, "extra": "forbid"}
@@ -40,17 +44,30 @@ class UpstreamTarget(BaseModel):
     url: HttpUrl
     allow_http: bool = False
     max_redirects: int = Field(default=0, ge=0, le=10)
+    redirect_hosts: tuple[str, ...] = Field(default=(), description="Hosts besides the target's a redirect may reach.")
     forward_authorization: bool = False
+    private: bool = Field(default=False, description="The target's own host may resolve to private addresses.")
+    allow_cidrs: tuple[IPvAnyNetwork, ...] = Field(default=(), description="With private: only these networks.")
 
     @model_validator(mode="before")
     @classmethod
     def _from_url(cls, value: Any) -> Any:
         return {"url": value} if isinstance(value, str) else value
 
+    @field_validator("redirect_hosts")
+    @classmethod
+    def _bare_host_names(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        for host in hosts:
+            if not _HOST_NAME.match(host):
+                raise ValueError(f"{host!r} is not a lower-case host name (no scheme, port, path or address)")
+        return hosts
+
     @model_validator(mode="after")
     def _scheme_allowed(self) -> UpstreamTarget:
         if self.url.scheme == "http" and not self.allow_http:
             raise ValueError(f"{self.url} is plain http: set allow_http to true for this target, or use https")
+        if self.allow_cidrs and not self.private:
+            raise ValueError("allow_cidrs narrows a private target: set private to true as well, or drop allow_cidrs")
         return self
 
 

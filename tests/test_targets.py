@@ -1,0 +1,304 @@
+"""A /batch item stays under its target: the path join, its refusals, and where redirects may go."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import re
+from typing import Any
+from urllib.parse import unquote, urlencode
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from yarl import URL
+
+from conftest import post_batch
+from fanout.egress import PRIVATE_NETWORKS
+from fanout.settings import UpstreamTarget
+from fanout.targets import TargetScope, check_path, target_url
+from fanout_local.upstream import LocalUpstream
+
+ESCAPING = [
+    "/..",
+    "/../../_admin",
+    "/a/../../b",
+    "/.",
+    "/a/./b",
+    "/%2e%2e/_admin",
+    "/%2E%2E/_admin",
+    "/.%2e/_admin",
+    "/%2e./x",
+    "/%252e%252e/_admin",  # decoded twice by some servers
+    "/%25252e%25252e/x",
+    "/a/..%2f..%2f_admin",  # an encoded slash: "../.." once decoded
+    "/a/%2e%2e%5c%2e%2e",  # an encoded backslash
+    "/..;/_admin",  # Tomcat drops ";..." before normalising
+    "/a/..;x=1/b",
+]
+MALFORMED = ["/a%", "/a%2", "/a%zz", "/%g0"]
+CONTROL = ["/a%00b", "/a%0d%0aSet-Cookie:x", "/%7f", "/a%250a"]
+ACCEPTED = ["/", "/items/7", "/items/a%20b", "/a%2Fb", "/%41", "/a..b", "/.well-known/x", "/a/...", "/~u/x;v=1", "/ü"]
+
+
+def refusal_of(path: str) -> str:
+    with pytest.raises(ValueError) as refused:
+        check_path(path)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("path", ESCAPING)
+def test_dot_segments_are_refused_however_encoded(path: str) -> None:
+    assert refusal_of(path) == "must not contain '.' or '..' segments, also percent-encoded"
+
+
+@pytest.mark.parametrize("path", MALFORMED)
+def test_a_percent_must_start_an_escape(path: str) -> None:
+    assert refusal_of(path) == "a '%' must start a percent-escape of two hex digits"
+
+
+@pytest.mark.parametrize("path", CONTROL)
+def test_control_characters_are_refused_also_encoded(path: str) -> None:
+    assert refusal_of(path) == "must not contain control characters, also percent-encoded"
+
+
+def test_decoding_stops_after_three_rounds() -> None:
+    """Three decodings cover the servers we know; a fourth is not guessed at (the bound is stated)."""
+    assert refusal_of("/%25252e%25252e/x") == "must not contain '.' or '..' segments, also percent-encoded"
+    assert check_path("/%2525252e%2525252e/x") == "/%2525252e%2525252e/x"
+
+
+@pytest.mark.parametrize("path", ACCEPTED)
+def test_ordinary_paths_pass(path: str) -> None:
+    assert check_path(path) == path
+
+
+@pytest.mark.parametrize(
+    ("base", "path", "query", "expected"),
+    [
+        ("https://h.example/api/v1", "/items/7", {}, "https://h.example/api/v1/items/7"),
+        ("https://h.example/api/v1/", "/items/7", {}, "https://h.example/api/v1/items/7"),
+        ("https://h.example/", "/", {}, "https://h.example/"),
+        ("https://h.example", "/x", {}, "https://h.example/x"),
+        ("https://h.example/api", "/items/a%20b", {}, "https://h.example/api/items/a%20b"),
+        ("https://h.example/api", "/a%2Fb%41", {}, "https://h.example/api/a%2Fb%41"),  # escapes kept as sent
+        ("https://h.example/api", "/ü x", {}, "https://h.example/api/%C3%BC%20x"),
+        (
+            "https://h.example:8443/api?key=k",
+            "/x",
+            {"a": 1, "b": True},
+            "https://h.example:8443/api/x?key=k&a=1&b=true",
+        ),
+        ("https://h.example/api", "/x", {"q": "a b&c"}, "https://h.example/api/x?q=a+b%26c"),
+        ("https://h.example/X", "/items", {}, "https://h.example/X/items"),
+        ("https://h.example/a//", "/items", {}, "https://h.example/a/items"),
+    ],
+)
+def test_target_url_appends_under_the_base(base: str, path: str, query: dict[str, Any], expected: str) -> None:
+    assert str(target_url(base, path, query)) == expected
+
+
+def server_view(raw_path: str) -> str:
+    """What a lenient server makes of a path: decoded (often more than once), "\\" as "/", ";x" dropped,
+    dot segments removed. The strictest reading a refused path could hope to exploit."""
+    decoded = raw_path
+    for _ in range(3):
+        decoded = unquote(decoded, encoding="latin-1")
+    segments = [segment.split(";")[0] for segment in re.split(r"[/\\]", decoded)]
+    return posixpath.normpath("/".join(segments) or "/")
+
+
+bases = st.sampled_from(
+    ["https://h.example/api/v1", "https://h.example/", "http://h.example:8080/a/b/", "https://h.example/x?k=v"]
+)
+paths = st.lists(
+    st.sampled_from([*"/.%25eEfFcC5;a\\", "%2e", "%2E", "%2f", "%5c", "%25", "..", "/..", "/."]), max_size=16
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(base=bases, tail=paths)
+def test_a_joined_url_never_leaves_its_host_or_base_path(base: str, tail: str) -> None:
+    path = "/" + tail
+    try:
+        check_path(path)
+    except ValueError:
+        return
+    joined, origin = target_url(base, path, {}), URL(base)
+    assert (joined.scheme, joined.host, joined.port) == (origin.scheme, origin.host, origin.port)
+    prefix = origin.raw_path.rstrip("/")
+    assert joined.raw_path.startswith(prefix + "/")
+    assert (server_view(joined.raw_path) + "/").startswith(server_view(prefix).rstrip("/") + "/")
+
+
+@pytest.fixture
+def make_handler(upstream: LocalUpstream, import_handler: Any) -> Any:
+    def cold_start(**target: Any) -> Any:
+        upstreams = {"up": {"url": f"{upstream.url}/base", "allow_http": True, **target}}
+        return import_handler(FANOUT_UPSTREAMS=json.dumps(upstreams)).handler
+
+    return cold_start
+
+
+@pytest.mark.parametrize("path", ["/../../_admin", "/%2e%2e/echo", "/x/..%2F..%2Fecho"])
+def test_an_escaping_path_is_a_422_naming_path(path: str, make_handler: Any, upstream: LocalUpstream) -> None:
+    status, body = post_batch(make_handler(), {"requests": [{"id": "a", "target": "up", "path": path}]})
+    assert status == 422
+    assert body["message"].startswith("path: Value error, must not contain '.' or '..' segments")
+    assert body["detail"][0]["loc"] == ["body", "requests", 0, "path"]
+    assert upstream.stats.requests == 0
+
+
+def test_escapes_reach_the_upstream_as_sent(make_handler: Any, upstream: LocalUpstream) -> None:
+    """/echo under the base answers what it was asked for, so the path on the wire is visible."""
+    handler = make_handler(url=upstream.url)
+    requests = [
+        {"id": "space", "target": "up", "path": "/echo/items/a%20b"},
+        {"id": "slash", "target": "up", "path": "/echo/a%2Fb%41"},
+        {"id": "utf8", "target": "up", "path": "/echo/ü", "query": {"q": "x y"}},
+    ]
+    _, body = post_batch(handler, {"requests": requests})
+    assert [item["body"]["target"] for item in body["responses"]] == [
+        "/echo/items/a%20b",
+        "/echo/a%2Fb%41",
+        "/echo/%C3%BC?q=x+y",
+    ]
+
+
+def redirect(to: str, **query: Any) -> dict[str, Any]:
+    return {"id": to, "target": "up", "path": "/redirect", "query": {"to": to, **query}}
+
+
+def test_redirects_stay_on_the_targets_host(make_handler: Any, upstream: LocalUpstream) -> None:
+    handler = make_handler(url=upstream.url, max_redirects=2)
+    elsewhere = f"http://localhost:{upstream.port}/delay?ms=1"  # the same listener, another host name
+    _, body = post_batch(handler, {"requests": [redirect("/delay?ms=1"), redirect(elsewhere)]})
+    first, second = body["responses"]
+    assert (first["status"], first["body"]) == (200, {"delay_ms": 1.0})
+    assert second["error"] == {
+        "type": "RedirectRefused",
+        "message": "a redirect to localhost is not allowed: the target's redirect_hosts does not list it",
+    }
+    assert upstream.stats.requests == 3  # two first hops and one allowed second hop
+
+
+def test_a_listed_redirect_host_is_followed(make_handler: Any, upstream: LocalUpstream) -> None:
+    handler = make_handler(url=upstream.url, max_redirects=1, redirect_hosts=["localhost"])
+    _, body = post_batch(handler, {"requests": [redirect(f"http://localhost:{upstream.port}/delay?ms=1")]})
+    assert (body["responses"][0]["status"], body["responses"][0]["body"]) == (200, {"delay_ms": 1.0})
+
+
+def chain_of(redirects: int, end: str = "/delay?ms=1") -> dict[str, Any]:
+    """A request whose answer redirects `redirects` times before reaching `end`."""
+    to = end
+    for _ in range(redirects - 1):
+        to = "/redirect?" + urlencode({"to": to})
+    return {"id": "chain", "target": "up", "path": "/redirect", "query": {"to": to}}
+
+
+@pytest.mark.parametrize("max_redirects", [1, 2, 3])
+def test_a_chain_past_max_redirects_is_too_many_redirects(
+    max_redirects: int, make_handler: Any, upstream: LocalUpstream
+) -> None:
+    handler = make_handler(url=upstream.url, max_redirects=max_redirects)
+    _, body = post_batch(handler, {"requests": [chain_of(max_redirects + 1)]})
+    (item,) = body["responses"]
+    assert item["error"] == {"type": "TooManyRedirects", "message": f"more than {max_redirects} redirects"}
+    assert item["attempts"] == 1  # not retried
+    assert upstream.stats.requests == max_redirects + 1
+
+
+@pytest.mark.parametrize("max_redirects", [1, 3])
+def test_a_chain_within_max_redirects_is_followed_to_its_end(
+    max_redirects: int, make_handler: Any, upstream: LocalUpstream
+) -> None:
+    handler = make_handler(url=upstream.url, max_redirects=max_redirects)
+    _, body = post_batch(handler, {"requests": [chain_of(max_redirects)]})
+    assert (body["responses"][0]["status"], body["responses"][0]["body"]) == (200, {"delay_ms": 1.0})
+    assert upstream.stats.requests == max_redirects + 1
+
+
+def test_a_redirect_loop_ends_as_too_many_redirects(make_handler: Any, upstream: LocalUpstream) -> None:
+    handler = make_handler(url=upstream.url, max_redirects=4)
+    _, body = post_batch(handler, {"requests": [{"id": "loop", "target": "up", "path": "/loop"}]})
+    assert body["responses"][0]["error"]["type"] == "TooManyRedirects"
+    assert upstream.stats.requests == 5
+
+
+def test_without_max_redirects_a_redirect_is_the_answer(make_handler: Any, upstream: LocalUpstream) -> None:
+    _, body = post_batch(make_handler(url=upstream.url), {"requests": [redirect("/delay")]})
+    assert (body["responses"][0]["status"], body["responses"][0]["headers"]["location"]) == (302, "/delay")
+    assert body["summary"]["succeeded"] == 1  # a 3xx answer is an answer
+    assert upstream.stats.requests == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://api.example.com/x", True),
+        ("https://API.example.com/x", True),
+        ("https://cdn.example.com/x", True),
+        ("http://api.example.com/x", False),  # plain http: the target does not allow it
+        ("https://evil.example.com/x", False),
+        ("https://api.example.com.evil.example/x", False),
+        ("https://example.com/x", False),
+        ("ftp://api.example.com/x", False),
+        ("/relative", False),
+    ],
+)
+def test_scope_check_redirect(url: str, allowed: bool) -> None:
+    target = UpstreamTarget(url="https://api.example.com/v1", max_redirects=2, redirect_hosts=("cdn.example.com",))
+    scope = TargetScope.of("api", target)
+    assert (scope.check_redirect(URL(url)) is None) is allowed
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://api.example.com/x", None),
+        ("http://api.example.com/x", None),  # allow_http: both schemes
+        ("ftp://api.example.com/x", "a redirect to ftp: URL is not allowed for this target"),
+        ("/relative", "a redirect to a relative: URL is not allowed for this target"),
+        ("http:///x", "a redirect to a URL without a host is not allowed"),
+        (
+            "https://other.example/x",
+            "a redirect to other.example is not allowed: the target's redirect_hosts does not list it",
+        ),
+    ],
+)
+def test_why_a_redirect_is_refused(url: str, why: str | None) -> None:
+    scope = TargetScope.of("api", UpstreamTarget(url="http://api.example.com", allow_http=True, max_redirects=1))
+    assert scope.check_redirect(URL(url)) == why
+
+
+def test_a_scope_is_a_value() -> None:
+    scope = TargetScope.of("a", UpstreamTarget(url="https://a.example"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        scope.host = "b.example"  # type: ignore[misc]
+    assert scope == TargetScope.of("a", UpstreamTarget(url="https://a.example")) and not hasattr(scope, "__dict__")
+
+
+def test_scope_of_a_target() -> None:
+    public = TargetScope.of("a", UpstreamTarget(url="https://A.example/x"))
+    assert (public.host, public.schemes, public.max_redirects, public.private_networks) == (
+        "a.example",
+        frozenset({"https"}),
+        0,
+        (),
+    )
+    private = TargetScope.of("b", UpstreamTarget(url="http://db.internal", allow_http=True, private=True))
+    assert private.private_networks == PRIVATE_NETWORKS
+    assert (
+        private.networks_for("DB.internal"),
+        private.networks_for("other.internal"),
+        private.networks_for(None),
+    ) == (
+        PRIVATE_NETWORKS,
+        (),
+        (),
+    )
+    narrowed = TargetScope.of(
+        "c", UpstreamTarget(url="https://db.internal", private=True, allow_cidrs=("10.1.0.0/16",))
+    )
+    assert [str(network) for network in narrowed.private_networks] == ["10.1.0.0/16"]
