@@ -45,11 +45,11 @@ ROUTES = {
     "GET /async_sem/{n}/{k}": "Semaphore",
     "POST /batch": "Batch",
 }
-#: The only managed policies a function role may carry (no `*` action in either).
-ALLOWED_MANAGED_POLICIES = {
-    "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",  # its own log streams
-    "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",  # added by SAM whenever Tracing is set
-}
+BASIC_EXECUTION = "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"  # its own log streams
+XRAY_WRITE = "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess"  # only with tracing on
+VPC_ACCESS = "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"  # only in a VPC
+#: The only managed policies a function role may carry (no `*` action in any).
+ALLOWED_MANAGED_POLICIES = {BASIC_EXECUTION, XRAY_WRITE, VPC_ACCESS}
 _NO_VALUE = object()
 
 
@@ -92,6 +92,8 @@ def variants() -> dict[str, dict[str, str]]:
         "dev, otel layer, tracing off": {**dev, "OtelLayerArn": OTEL_LAYER, "TracingEnabled": "false"},
         "prod, jwt": {**prod, "AuthMode": "JWT", "JwtIssuer": "https://issuer.example.com", "JwtAudience": "client-1"},
         "prod, own topic": {**prod, "AlarmTopicArn": TOPIC},
+        "prod, in a vpc": {**prod, "VpcSubnetIds": "subnet-1,subnet-2", "VpcSecurityGroupIds": "sg-1"},
+        "prod, tracing off": {**prod, "TracingEnabled": "false"},
     }
 
 
@@ -118,7 +120,12 @@ def shape(translations: dict[str, dict[str, Any]], variant: str) -> dict[str, An
 def deployed(template: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
     """The resources CloudFormation would create: conditions decided, Fn::If taken, parameter
     Refs replaced by their values, AWS::NoValue removed. Other intrinsics are left as they are."""
-    values = {name: params.get(name, str(spec.get("Default", ""))) for name, spec in template["Parameters"].items()}
+    values: dict[str, Any] = {
+        name: params.get(name, str(spec.get("Default", ""))) for name, spec in template["Parameters"].items()
+    }
+    for name, spec in template["Parameters"].items():
+        if spec["Type"] == "CommaDelimitedList":
+            values[name] = values[name].split(",")
     decided: dict[str, bool] = {}
 
     def condition(name: str) -> bool:
@@ -151,6 +158,9 @@ def deployed(template: dict[str, Any], params: dict[str, str]) -> dict[str, Any]
         if node.keys() == {"Fn::If"}:
             name, when_true, when_false = node["Fn::If"]
             return resolve(when_true if condition(name) else when_false)
+        if node.keys() == {"Fn::Join"}:
+            separator, items = node["Fn::Join"]
+            return separator.join(resolve(items))
         resolved = {key: resolve(value) for key, value in node.items()}
         return {key: value for key, value in resolved.items() if value is not _NO_VALUE}
 
@@ -293,11 +303,41 @@ def test_alarms_notify_a_given_topic_instead_of_creating_one(translations: dict[
     assert {tuple(props["AlarmActions"]) for props in alarms} == {(TOPIC,)}
 
 
+def managed_policies(resources: dict[str, Any]) -> set[str]:
+    """The managed policies of the one role the API functions share, ${AWS::Partition} filled in."""
+    (role,) = of_type(resources, "AWS::IAM::Role").values()
+    functions = of_type(resources, "AWS::Lambda::Function").values()
+    assert {json.dumps(props["Role"]) for props in functions} == {'{"Fn::GetAtt": ["ApiFunctionRole", "Arn"]}'}
+    return {arn["Fn::Sub"].replace("${AWS::Partition}", "aws") for arn in role["ManagedPolicyArns"]}
+
+
+@pytest.mark.parametrize(
+    ("variant", "policies"),
+    [
+        ("dev", {BASIC_EXECUTION, XRAY_WRITE}),
+        ("prod", {BASIC_EXECUTION, XRAY_WRITE}),
+        ("prod, tracing off", {BASIC_EXECUTION}),
+        ("prod, in a vpc", {BASIC_EXECUTION, XRAY_WRITE, VPC_ACCESS}),
+    ],
+)
+def test_each_policy_comes_only_with_what_needs_it(
+    translations: dict[str, dict[str, Any]], variant: str, policies: set[str]
+) -> None:
+    resources = shape(translations, variant)
+    assert managed_policies(resources) == policies
+    for function in of_type(resources, "AWS::Lambda::Function").values():
+        if VPC_ACCESS in policies:
+            assert function["VpcConfig"] == {"SubnetIds": ["subnet-1", "subnet-2"], "SecurityGroupIds": ["sg-1"]}
+        else:
+            assert "VpcConfig" not in function
+        assert function["TracingConfig"] == {"Mode": "Active" if XRAY_WRITE in policies else "PassThrough"}
+
+
 def test_roles_are_least_privilege(resources: dict[str, Any]) -> None:
     roles = of_type(resources, "AWS::IAM::Role")
-    assert set(roles) == {f"{name}FunctionRole" for name in FUNCTIONS}
+    assert set(roles) == {"ApiFunctionRole"}
     for role in roles.values():
-        assert set(role["ManagedPolicyArns"]) <= ALLOWED_MANAGED_POLICIES
+        assert managed_policies(resources) <= ALLOWED_MANAGED_POLICIES
         statements = [s for policy in role.get("Policies", []) for s in policy["PolicyDocument"]["Statement"]]
         actions = [a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
         assert not [a for a in actions if a == "*" or a.endswith(":*")]
@@ -363,7 +403,8 @@ def stack_in_moto(translated: dict[str, Any], env: str) -> Iterator[dict[str, st
         iam = boto3.client("iam")
         for name, props in of_type(resources, "AWS::IAM::Role").items():
             for arn in props["ManagedPolicyArns"]:
-                iam.attach_role_policy(RoleName=physical[name], PolicyArn=arn)
+                policy = arn["Fn::Sub"].replace("${AWS::Partition}", "aws")
+                iam.attach_role_policy(RoleName=physical[name], PolicyArn=policy)
         # The alarms through CloudWatch's API, with the references CloudFormation would fill in.
         cloudwatch = boto3.client("cloudwatch")
         refs = {**physical, "FanoutApi": API_ID}
@@ -384,7 +425,7 @@ def test_moto_creates_the_functions_with_their_concurrency(stack_in_moto: dict[s
         variables = config["Environment"]["Variables"]
         assert str(variables["FANOUT_MAX_CONCURRENCY"]) == params[f"{name}MaxConcurrency"]  # moto keeps the int
         assert config["Runtime"] == "python3.13" and config["Handler"] == "app.handler"
-        assert config["Role"].endswith(stack_in_moto[f"{name}FunctionRole"])
+        assert config["Role"].endswith(stack_in_moto["ApiFunctionRole"])
         reserved = client.get_function_concurrency(FunctionName=function_name).get("ReservedConcurrentExecutions")
         assert reserved == (int(params[f"{name}ReservedConcurrency"]) or None)
     (layer,) = client.list_layers()["Layers"]
@@ -402,19 +443,18 @@ def test_moto_creates_log_groups_with_retention_and_least_privilege_roles(
         assert groups[f"/aws/lambda/{stack_in_moto[f'{name}Function']}"] == int(params["LogRetentionDays"])
     assert groups[f"/aws/vendedlogs/fanout-{env}/api-access"] == int(params["AccessLogRetentionDays"])
     iam = boto3.client("iam")
-    for name in FUNCTIONS:
-        role = iam.get_role(RoleName=stack_in_moto[f"{name}FunctionRole"])["Role"]
-        (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
-        assert trust["Principal"] == {"Service": ["lambda.amazonaws.com"]}
-        assert iam.list_role_policies(RoleName=role["RoleName"])["PolicyNames"] == []
-        attached = iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
-        assert {p["PolicyArn"] for p in attached} == ALLOWED_MANAGED_POLICIES
-        for policy in attached:  # the AWS-managed documents as moto holds them: no wildcard action
-            version = iam.get_policy(PolicyArn=policy["PolicyArn"])["Policy"]["DefaultVersionId"]
-            document = iam.get_policy_version(PolicyArn=policy["PolicyArn"], VersionId=version)["PolicyVersion"]
-            statements = document["Document"]["Statement"]
-            actions = [a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
-            assert actions and not [a for a in actions if a == "*" or a.endswith(":*")], policy["PolicyArn"]
+    role = iam.get_role(RoleName=stack_in_moto["ApiFunctionRole"])["Role"]
+    (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Service": ["lambda.amazonaws.com"]}
+    assert iam.list_role_policies(RoleName=role["RoleName"])["PolicyNames"] == []
+    attached = iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
+    assert {p["PolicyArn"] for p in attached} == {BASIC_EXECUTION, XRAY_WRITE}  # both environments trace
+    for policy in attached:  # the AWS-managed documents as moto holds them: no wildcard action
+        version = iam.get_policy(PolicyArn=policy["PolicyArn"])["Policy"]["DefaultVersionId"]
+        document = iam.get_policy_version(PolicyArn=policy["PolicyArn"], VersionId=version)["PolicyVersion"]
+        statements = document["Document"]["Statement"]
+        actions = [a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
+        assert actions and not [a for a in actions if a == "*" or a.endswith(":*")], policy["PolicyArn"]
 
 
 def test_moto_alarms_watch_the_created_functions_and_notify_the_topic(stack_in_moto: dict[str, str]) -> None:
