@@ -15,7 +15,7 @@ PYTHON ?= $(shell \
 # What the SAM CLI needs to work offline and leave $HOME alone (tests set the same).
 SAM_ENV := SAM_CLI_TELEMETRY=0 AWS_EC2_METADATA_DISABLED=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: run dev test lint build bench bench-quick clean
+.PHONY: run dev test lint build bench bench-quick mutate clean
 
 $(VENV)/.installed: pyproject.toml layers/fanout/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no python3 >= 3.11 found on PATH" >&2; exit 1; }
@@ -63,6 +63,10 @@ bench: $(VENV)/.bench-installed $(SAM_VENV)/.installed
 ## make bench-quick: the same with N in {10, 1000} and fewer candidates
 bench-quick: $(VENV)/.bench-installed $(SAM_VENV)/.installed
 	cd benchmarks && FANOUT_SAM_CLI="$(CURDIR)/$(SAM_VENV)/bin/sam" $(SAM_ENV) ../$(VENV)/bin/python run.py --quick
+
+## make mutate: mutation score of the guard, the engine and the batch runner against their tests
+mutate: $(VENV)/.installed
+	$(VENV)/bin/python tools/mutate.py
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) .aws-sam .pytest_cache .ruff_cache
