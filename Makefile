@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 SAM_VENV := .venv-sam
 SAM_CLI_VERSION := 1.170.0
+# The Lambda runtime interface client, installed for python3.13 the way the Lambda image has it in /var/runtime.
+RIC := .lambda-ric
+RIC_VERSION := 4.2.2
 
 # python3.13 (the Lambda runtime) when present, also as a pyenv version; else any python3 >= 3.11.
 PYTHON ?= $(shell \
@@ -29,6 +32,13 @@ $(SAM_VENV)/.installed:
 	$(SAM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check aws-sam-cli==$(SAM_CLI_VERSION)
 	touch $@
 
+# Only with python3.13 (what sam build needs too); the tests that use it skip without it.
+$(RIC)/.installed:
+	if $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; then \
+		$(PYTHON) -m pip install --quiet --disable-pip-version-check --only-binary=:all: --target $(RIC) awslambdaric==$(RIC_VERSION); \
+	fi
+	mkdir -p $(RIC) && touch $@
+
 ## make run: the three functions behind a local API Gateway on :3000, bundled upstream on :3001
 run: $(VENV)/.installed
 	$(VENV)/bin/python -m fanout_local.gateway
@@ -39,10 +49,10 @@ dev: $(VENV)/.installed
 	FANOUT_ALLOW_PRIVATE_NETWORKS=true $(VENV)/bin/uvicorn --factory fanout.app:create_app --reload --port 3000
 
 ## make test: lint, then every test (the SAM ones included); what CI runs
-test: $(VENV)/.installed $(SAM_VENV)/.installed
+test: $(VENV)/.installed $(SAM_VENV)/.installed $(RIC)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	FANOUT_SAM_CLI="$(CURDIR)/$(SAM_VENV)/bin/sam" $(SAM_ENV) $(VENV)/bin/python -m pytest
+	FANOUT_SAM_CLI="$(CURDIR)/$(SAM_VENV)/bin/sam" FANOUT_LAMBDA_RIC="$(CURDIR)/$(RIC)" $(SAM_ENV) $(VENV)/bin/python -m pytest
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
@@ -69,4 +79,4 @@ mutate: $(VENV)/.installed
 	$(VENV)/bin/python tools/mutate.py
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) .aws-sam .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) $(RIC) .aws-sam .pytest_cache .ruff_cache

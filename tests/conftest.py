@@ -6,6 +6,9 @@ import asyncio
 import copy
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -102,3 +105,62 @@ def import_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         loop.close()
     if loaded:
         asyncio.set_event_loop(None)
+
+
+# --- the SAM CLI and its build (offline: validate --lint and build need no AWS account) ------------
+
+TEMPLATE = ROOT / "template.yaml"
+
+
+@pytest.fixture(scope="session")
+def sam(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    cli = os.environ.get("FANOUT_SAM_CLI") or shutil.which("sam")
+    if not cli:
+        pytest.skip("SAM CLI not found: run the tests with `make test`, which installs it")
+    home = tmp_path_factory.mktemp("sam-home")
+    env = {
+        **os.environ,
+        "HOME": str(home),  # SAM writes its config under ~/.aws-sam
+        "SAM_CLI_TELEMETRY": "0",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return cli, env
+
+
+def runtime_python() -> str | None:
+    """A python3.13 that runs (pyenv's shim may exist without the version selected)."""
+    found = shutil.which("python3.13")
+    if found and subprocess.run([found, "-c", "pass"], capture_output=True).returncode == 0:
+        return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def built(sam: tuple[str, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `sam build` per test session, into a scratch directory."""
+    if runtime_python() is None:
+        pytest.skip("sam build needs python3.13 on PATH (with pyenv: PYENV_VERSION=3.13.0)")
+    cli, env = sam
+    scratch = tmp_path_factory.mktemp("sam-build")
+    done = subprocess.run(
+        [
+            cli,
+            "build",
+            "--template",
+            str(TEMPLATE),
+            "--build-dir",
+            str(scratch / "build"),
+            "--cache-dir",
+            str(scratch / "cache"),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return scratch / "build"

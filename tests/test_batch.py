@@ -130,6 +130,8 @@ def test_deadline_is_met_and_every_request_accounted(handler: Any) -> None:
         "strategy": "semaphore",
         "concurrency": 2,
         "bodies_dropped": 0,
+        "headers_dropped": 0,
+        "messages_dropped": 0,
     }
 
 
@@ -170,15 +172,15 @@ def test_binary_bodies_come_back_as_base64(handler: Any) -> None:
 
 
 def test_response_over_the_cap_drops_largest_bodies_first(make_handler: Any) -> None:
-    handler = make_handler(FANOUT_MAX_RESPONSE_BYTES="20000", FANOUT_MAX_ITEM_BYTES="20000")
-    sizes = [9000, 2000, 12000]
+    handler = make_handler(FANOUT_MAX_RESPONSE_BYTES="70000", FANOUT_MAX_ITEM_BYTES="40000", FANOUT_MAX_REQUESTS="100")
+    sizes = [30000, 6000, 40000]
     requests = [
         {"id": str(n), "target": "up", "path": "/bytes", "query": {"n": n, "type": "text/plain"}} for n in sizes
     ]
     status, body = post_batch(handler, {"requests": requests})
     assert status == 200
     dropped = [item["id"] for item in body["responses"] if item.get("body_dropped")]
-    assert dropped == ["12000"]
+    assert dropped == ["40000"]
     assert body["summary"]["bodies_dropped"] == 1
     assert [item["status"] for item in body["responses"]] == [200, 200, 200]
 

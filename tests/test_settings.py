@@ -87,3 +87,32 @@ def test_a_private_target_with_its_networks(monkeypatch: pytest.MonkeyPatch) -> 
     settings = load_settings()
     assert [str(net) for net in settings.upstreams["db"].allow_cidrs] == ["10.1.0.0/16", "fd00:1::/64"]
     assert (settings.upstreams["b"].private, settings.upstreams["b"].redirect_hosts) == (False, ())
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"FANOUT_REQUEST_TIMEOUT_S": "26", "FANOUT_DEADLINE_S": "25"},
+            "Invalid configuration: FANOUT_REQUEST_TIMEOUT_S (26.0) must not exceed FANOUT_DEADLINE_S (25.0)",
+        ),
+        (
+            {"FANOUT_MAX_REQUESTS": "60000"},
+            "Invalid configuration: FANOUT_MAX_REQUESTS (60000) allows answers of up to 4800000 bytes, "
+            "over FANOUT_MAX_RESPONSE_BYTES (4000000): lower one or raise the other",
+        ),
+        (
+            {"FANOUT_UPSTREAMS": '{"a": "http://a.example"}'},
+            "Invalid configuration: FANOUT_UPSTREAMS [a]: http://a.example/ is plain http: "
+            "set allow_http to true for this target, or use https",
+        ),
+    ],
+)
+def test_configuration_errors_read_as_sentences(
+    env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert str(error.value) == message

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 from fastapi.routing import APIRoute
 
-from conftest import EVENTS, ROOT
+from conftest import EVENTS, ROOT, runtime_python
 from fanout.app import create_app
 from fanout.settings import Settings
 from fanout_local.template import load_template, local_functions
@@ -71,24 +70,6 @@ def test_target_url_is_required_and_deadline_fits_api_gateway(template: dict[str
 # --- the SAM CLI (offline: validate --lint and build need no AWS account) ---------------------
 
 
-@pytest.fixture(scope="module")
-def sam(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
-    cli = os.environ.get("FANOUT_SAM_CLI") or shutil.which("sam")
-    if not cli:
-        pytest.skip("SAM CLI not found: run the tests with `make test`, which installs it")
-    home = tmp_path_factory.mktemp("sam-home")
-    env = {
-        **os.environ,
-        "HOME": str(home),  # SAM writes its config under ~/.aws-sam
-        "SAM_CLI_TELEMETRY": "0",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    return cli, env
-
-
 @pytest.mark.sam
 def test_sam_validate_lint_is_clean(sam: tuple[str, dict[str, str]]) -> None:
     cli, env = sam
@@ -103,42 +84,6 @@ def test_sam_validate_lint_is_clean(sam: tuple[str, dict[str, str]]) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "is a valid SAM Template" in done.stdout
     assert "[W" not in done.stdout + done.stderr
-
-
-def _runtime_python() -> str | None:
-    """A python3.13 that runs (pyenv's shim may exist without the version selected)."""
-    found = shutil.which("python3.13")
-    if found and subprocess.run([found, "-c", "pass"], capture_output=True).returncode == 0:
-        return found
-    return None
-
-
-@pytest.fixture(scope="module")
-def built(sam: tuple[str, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One `sam build` per test session, into a scratch directory."""
-    if _runtime_python() is None:
-        pytest.skip("sam build needs python3.13 on PATH (with pyenv: PYENV_VERSION=3.13.0)")
-    cli, env = sam
-    scratch = tmp_path_factory.mktemp("sam-build")
-    done = subprocess.run(
-        [
-            cli,
-            "build",
-            "--template",
-            str(TEMPLATE),
-            "--build-dir",
-            str(scratch / "build"),
-            "--cache-dir",
-            str(scratch / "cache"),
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return scratch / "build"
 
 
 @pytest.mark.sam
@@ -173,7 +118,7 @@ BUILT_INVOKE = textwrap.dedent(
 @pytest.mark.sam
 @pytest.mark.parametrize("function", ["SyncFunction", "GatherFunction", "SemaphoreFunction"])
 def test_built_artifacts_alone_answer_an_event(built: Path, function: str, upstream: LocalUpstream) -> None:
-    runtime = _runtime_python()
+    runtime = runtime_python()
     assert runtime is not None
     code_dir, layer_dir = built / function, built / "FanoutLayer" / "python"
     env = {

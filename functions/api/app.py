@@ -1,14 +1,15 @@
 """Lambda entry point of every fanout function: the app behind Mangum.
 
 Lifespan is off because Mangum would run it on every invocation; the pooled
-client lives on the app instead and survives warm invocations. The wrapper puts
-the invocation's request ids on every log line.
+client lives on the app instead and survives warm invocations. The wrappers
+refuse events that are not API Gateway requests with an error that says so, and
+put the invocation's request ids on every log line.
 """
 
 from mangum import Mangum
 
-from fanout import create_app, install_event_loop, observe_invocations
+from fanout import api_gateway_requests_only, create_app, install_event_loop, observe_invocations
 
 install_event_loop()
 app = create_app()
-handler = observe_invocations(Mangum(app, lifespan="off"), app.state.telemetry)
+handler = api_gateway_requests_only(observe_invocations(Mangum(app, lifespan="off"), app.state.telemetry))

@@ -15,7 +15,12 @@ Faults, for the /batch tests (`key` keeps a counter per test):
 - `/bytes?n=X` (`&type=...`), `/endless`, `/cut`: a body of X bytes, a body that
   never ends, a body cut off by a reset;
 - `/redirect?to=URL&status=302`; `/echo`: method, path, headers and body as JSON;
-- `/attempts?key=K`: how many calls a key has had.
+- `/attempts?key=K`: how many calls a key has had;
+- `/loop`: a redirect to itself;
+- `/mode`: answers as the path (and query) in the server's `mode` attribute, which tests
+  set to point a seed function's fixed target at one fault after another;
+- hostile answers (stalled bodies, slow headers, huge bodies, gzip bombs, JSON Python
+  cannot write back, 10,000 headers, non-UTF-8): see fanout_local.hostile.
 
 It counts connections opened, requests served and the peak of requests in
 flight, which is what tests assert concurrency bounds and connection reuse with.
@@ -37,6 +42,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
+
+from fanout_local import hostile
 
 
 @dataclass
@@ -63,6 +70,7 @@ class LocalUpstream:
         self.delay_ms = delay_ms
         self.stats = UpstreamStats()
         self.calls: dict[str, int] = {}  # per `key` of the fault endpoints
+        self.mode = "/delay"  # what GET /mode answers as: tests point a function's one target at /mode
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -107,9 +115,12 @@ class LocalUpstream:
                 if "cookie" in headers:
                     self.stats.requests_with_cookie += 1
                 request = Request(method, target, headers, body)
-                if not await self._respond(request, writer, keep_alive):
-                    return
-                await writer.drain()
+                try:
+                    if not await self._respond(request, writer, keep_alive):
+                        return
+                    await writer.drain()
+                except ConnectionError:
+                    return  # the client closed first: hostile bodies are meant to be abandoned
                 if not keep_alive:
                     return
         finally:
@@ -119,6 +130,8 @@ class LocalUpstream:
     async def _respond(self, request: Request, writer: asyncio.StreamWriter, keep_alive: bool) -> bool:
         """Answer one request; False means the connection is to be dropped."""
         url = urlsplit(request.target)
+        if url.path == "/mode":
+            url = urlsplit(self.mode)
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
         if url.path == "/stats":
             writer.write(_response(200, asdict(self.stats), keep_alive))
@@ -194,6 +207,8 @@ class LocalUpstream:
             await writer.drain()
             writer.transport.abort()
             return False
+        elif (served := await hostile.answer(path, query, writer, keep_alive)) is not None:
+            return served
         else:
             writer.write(_response(404, {"error": f"no route {path}"}, keep_alive))
         return True

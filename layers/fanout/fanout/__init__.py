@@ -6,7 +6,8 @@ Modules, arrows pointing one way:
 - `settings`: per-function limits from `FANOUT_*` environment variables;
 - `observability`: logs, EMF metrics and spans of each call (Powertools, OpenTelemetry);
 - `app`: the FastAPI routes over the engine;
-- `lambda_loop`: the one event loop a Lambda container keeps for Mangum.
+- `lambda_loop`: the one event loop a Lambda container keeps for Mangum;
+- `lambda_events`: what a function may be invoked with (API Gateway requests).
 
 The names below are imported on first use, so `import fanout.engine` loads
 neither FastAPI nor pydantic.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fanout.app import create_app
     from fanout.engine import FanoutResult, Outcome, Strategy, fan_out
+    from fanout.lambda_events import UnsupportedEvent, api_gateway_requests_only
     from fanout.lambda_loop import install_event_loop
     from fanout.observability import Telemetry, observe_invocations
     from fanout.settings import ConfigError, Settings, load_settings
@@ -31,6 +33,8 @@ _HOMES = {
     "Strategy": "fanout.engine",
     "fan_out": "fanout.engine",
     "install_event_loop": "fanout.lambda_loop",
+    "UnsupportedEvent": "fanout.lambda_events",
+    "api_gateway_requests_only": "fanout.lambda_events",
     "Telemetry": "fanout.observability",
     "observe_invocations": "fanout.observability",
     "ConfigError": "fanout.settings",
@@ -45,6 +49,8 @@ __all__ = [
     "Settings",
     "Strategy",
     "Telemetry",
+    "UnsupportedEvent",
+    "api_gateway_requests_only",
     "create_app",
     "fan_out",
     "install_event_loop",

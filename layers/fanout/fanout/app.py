@@ -2,18 +2,21 @@
 
 Validation happens here, before any work: `n` above the function's
 `FANOUT_MAX_REQUESTS` is a 422 naming the limit, so n = 10**9 allocates nothing.
+A 422 is written whatever the input held (NaN, a lone surrogate, deep nesting):
+the input is shown as a bounded repr, never re-encoded as JSON.
 """
 
+import reprlib
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Path, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from fanout.batch import BatchRunner
-from fanout.batch_api import add_batch_route
+from fanout.batch_api import add_batch_route, batch_schemas
+from fanout.budget import call_budget_s
 from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Outcome, Strategy, fan_out
 from fanout.observability import CallReport, Telemetry, UpstreamRecord, call_span, traced_attempt
 from fanout.settings import Settings, load_settings
@@ -57,7 +60,8 @@ def create_app(
     app.state.telemetry = telemetry
     app.add_exception_handler(RequestValidationError, _explain_validation_error)
 
-    async def run(function: str, strategy: Strategy, n: int, concurrency: int) -> dict[str, Any]:
+    async def run(function: str, strategy: Strategy, n: int, concurrency: int, request: Request) -> dict[str, Any]:
+        budget = call_budget_s(None, settings.deadline_s, request.scope.get("aws.context"))
         latencies: list[list[float]] = [[] for _ in range(n)]
 
         async def send(index: int) -> int:
@@ -71,9 +75,7 @@ def create_app(
             )
 
         with call_span(function, strategy.value, n):
-            result = await fan_out(
-                send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=settings.deadline_s
-            )
+            result = await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=budget)
         records = [
             _record(index, outcome, target_path, latencies[index]) for index, outcome in enumerate(result.outcomes)
         ]
@@ -83,7 +85,7 @@ def create_app(
                 strategy=strategy.value,
                 concurrency=result.concurrency,
                 elapsed_s=result.elapsed_s,
-                deadline_s=settings.deadline_s,
+                deadline_s=budget,
                 requests=records,
             )
         )
@@ -94,22 +96,36 @@ def create_app(
     K = Annotated[int, Path(ge=1, description="Requests in flight at most (clamped to the function's limit).")]
 
     @app.get("/sync/{n}")
-    async def sync(n: N) -> dict[str, Any]:
+    async def sync(n: N, request: Request) -> dict[str, Any]:
         """n requests one after another (never blocking the event loop)."""
-        return await run("sync", Strategy.SYNC, n, 1)
+        return await run("sync", Strategy.SYNC, n, 1, request)
 
     @app.get("/async/{n}")
-    async def gather(n: N) -> dict[str, Any]:
+    async def gather(n: N, request: Request) -> dict[str, Any]:
         """n requests at once; at most the function's limit are on the wire."""
-        return await run("gather", Strategy.GATHER, n, settings.max_concurrency)
+        return await run("gather", Strategy.GATHER, n, settings.max_concurrency, request)
 
     @app.get("/async_sem/{n}/{k}")
-    async def semaphore(n: N, k: K) -> dict[str, Any]:
+    async def semaphore(n: N, k: K, request: Request) -> dict[str, Any]:
         """n requests, at most min(k, the function's limit) in flight."""
-        return await run("semaphore", Strategy.SEMAPHORE, n, min(k, settings.max_concurrency))
+        return await run("semaphore", Strategy.SEMAPHORE, n, min(k, settings.max_concurrency), request)
 
     add_batch_route(app, settings, runner.run, telemetry)
+    _document_batch_body(app)
     return app
+
+
+def _document_batch_body(app: FastAPI) -> None:
+    """Add POST /batch's models to the OpenAPI components: its route reads the body itself."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(batch_schemas())
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _record(index: int, outcome: Outcome[int], path: str, latencies_ms: list[float]) -> UpstreamRecord:
@@ -149,9 +165,27 @@ def _body(result: FanoutResult[int]) -> dict[str, Any]:
     }
 
 
+MAX_ERRORS_SHOWN = 20
+_shown = reprlib.Repr(maxlevel=2, maxstring=60, maxother=60, maxlist=4, maxdict=4)
+
+
 async def _explain_validation_error(_request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 detail, plus one readable line naming each field and its limit."""
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    message = "; ".join(f"{error['loc'][-1]}: {error['msg']} (got {error.get('input')!r})" for error in errors)
-    return JSONResponse(status_code=422, content={"message": message, "detail": jsonable_encoder(errors)})
+    errors = list(exc.errors())[:MAX_ERRORS_SHOWN]
+    detail = [
+        {
+            "loc": [_text(part) if isinstance(part, str) else part for part in error["loc"]],
+            "msg": _text(error["msg"]),
+            "type": error["type"],
+            "input": _text(_shown.repr(error.get("input"))),
+        }
+        for error in errors
+    ]
+    message = "; ".join(f"{error['loc'][-1]}: {error['msg']} (got {error['input']})" for error in detail)
+    return JSONResponse(status_code=422, content={"message": message, "detail": detail})
+
+
+def _text(value: str) -> str:
+    """`value` as text any encoder takes: a lone surrogate is written out as its escape."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -4,25 +4,29 @@ A caller names a target, never a host: `target` must be a key of
 FANOUT_UPSTREAMS and `path` is appended to that target's base URL, so this is the
 only way a request chooses where it goes. Headers pass an allowlist. The budget
 is the smallest of the caller's `deadline_s`, FANOUT_DEADLINE_S and what Lambda
-has left minus a margin, so the answer always goes out.
+has left minus a margin (fanout.budget), so the answer always goes out.
+
+The body is read as JSON whatever its Content-Type says (`curl -d` sends a form
+type), and strictly (fanout.strict_json): NaN, Infinity, 1e400, lone surrogates
+and deep nesting are a 422 naming the field, never a 500 while answering.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fanout.batch import BatchItem, BatchRun, ItemReport
+from fanout.batch import BatchItem, BatchRun
+from fanout.batch_response import fits, render
+from fanout.budget import call_budget_s
 from fanout.engine import Strategy
 from fanout.observability import CallReport, Telemetry, call_span
 from fanout.settings import ENV_PREFIX, Settings
+from fanout.strict_json import BodyError, encode_json, parse_body
 from fanout.targets import TargetScope, check_path, target_url
 
 #: Request headers a caller may set; anything else is refused with a 422 naming it.
@@ -41,17 +45,14 @@ ALLOWED_HEADERS = frozenset(
         "x-request-id",
     }
 )
-#: Response headers never passed back: hop-by-hop, and cookies meant for this service.
-DROPPED_RESPONSE_HEADERS = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade", "set-cookie"}
-)
-LAMBDA_MARGIN_S = 1.0  # time kept back from Lambda's remaining time to serialise and return
-
+MAX_JSON_DEPTH = 64  # levels of arrays and objects in a field; a JSON body deeper than that is refused
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 class BatchRequestItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    """One request. Strings are checked as text by pydantic (a lone surrogate is `string_unicode`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     id: str = Field(min_length=1, max_length=128)
     method: Method = "GET"
@@ -68,6 +69,30 @@ class BatchRequestItem(BaseModel):
     body: str | None = Field(default=None, description="A text body, sent as is.")
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_and_depth(cls, item: Any) -> Any:
+        """pydantic checks a plain str as text, but not a dict's keys nor a str in a union (`str | None`);
+        and JSON nested past MAX_JSON_DEPTH is refused here, before anything recurses through it."""
+        for name, value in item.items() if isinstance(item, dict) else ():
+            _check_text_and_depth(name, value)
+        return item
+
+    @field_validator("query", mode="before")
+    @classmethod
+    def _finite_numbers(cls, query: Any) -> Any:
+        """What pydantic lets through a str | int | float | bool union: NaN, Infinity."""
+        for key, value in query.items() if isinstance(query, dict) else ():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key!r}: numbers must be finite (NaN, Infinity and 1e400 are not JSON numbers)")
+        return query
+
+    @field_validator("json_body")
+    @classmethod
+    def _writable_json(cls, value: Any) -> Any:
+        encode_json(value)  # raises, saying what JSON cannot carry
+        return value
+
     @model_validator(mode="after")
     def _one_body(self) -> BatchRequestItem:
         if "json_body" in self.model_fields_set and self.body is not None:
@@ -76,7 +101,7 @@ class BatchRequestItem(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     strategy: Literal["sync", "gather", "semaphore"] = "semaphore"
     concurrency: int | None = Field(default=None, ge=1, description="Clamped to FANOUT_MAX_CONCURRENCY.")
@@ -95,29 +120,85 @@ class BatchRequest(BaseModel):
         return self
 
 
+def _check_text_and_depth(name: str, value: Any) -> None:
+    """ValueError naming `name` if a lone surrogate is in any string of `value` (keys included), or if it
+    nests past MAX_JSON_DEPTH. A loop, not recursion: it must work at any depth."""
+    pending = [(value, 0)]
+    while pending:
+        current, depth = pending.pop()
+        if isinstance(current, str):
+            if not current.isascii() and any("\ud800" <= char <= "\udfff" for char in current):
+                raise ValueError(f"{name}: holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape), which is not text")
+        elif isinstance(current, dict | list):
+            if depth == MAX_JSON_DEPTH:
+                raise ValueError(f"{name}: nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
+            children = [*current, *current.values()] if isinstance(current, dict) else current
+            pending.extend((child, depth + 1) for child in children)
+
+
+#: POST /batch's body in the OpenAPI document: the route reads the body itself (strictly, whatever its type).
+BATCH_REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}},
+}
+
+
+def batch_schemas() -> dict[str, Any]:
+    """BatchRequest and the models it uses, as OpenAPI components."""
+    schema = BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
+    return {**schema.pop("$defs", {}), "BatchRequest": schema}
+
+
+def read_batch(data: bytes) -> BatchRequest:
+    """The body as a BatchRequest, or a RequestValidationError whose message names the field."""
+    try:
+        parsed = parse_body(data)
+    except BodyError as exc:
+        _refuse(("body",), str(exc), None, kind="json_invalid")
+    if not isinstance(parsed, dict):
+        kind = "an array" if isinstance(parsed, list) else f"a {type(parsed).__name__}".replace("NoneType", "null")
+        _refuse(("body",), f"the body must be a JSON object with a requests list, not {kind}", None)
+    try:
+        return BatchRequest.model_validate(parsed)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        ) from exc
+
+
 def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telemetry) -> None:
     """Register POST /batch; `run(items, strategy=..., concurrency=..., budget_s=..., fail_fast=...)`."""
     scopes = {name: TargetScope.of(name, target) for name, target in settings.upstreams.items()}
 
-    async def body_within_limit(request: Request) -> None:
-        size = len(await request.body())
-        if size > settings.max_body_bytes:
-            raise HTTPException(
-                413, f"request body is {size} bytes; at most {settings.max_body_bytes} ({ENV_PREFIX}MAX_BODY_BYTES)"
-            )
-
-    @app.post("/batch", dependencies=[Depends(body_within_limit)], responses={502: {}, 413: {}})
-    async def batch(call: BatchRequest, request: Request) -> JSONResponse:
+    @app.post(
+        "/batch",
+        responses={502: {}, 413: {}, 422: {}},
+        openapi_extra={"requestBody": BATCH_REQUEST_BODY},
+    )
+    async def batch(request: Request) -> Response:
         """Send a list of different requests to named upstreams; every one comes back, in order."""
+        data = await request.body()
+        if len(data) > settings.max_body_bytes:
+            raise HTTPException(
+                413,
+                f"request body is {len(data)} bytes; at most {settings.max_body_bytes} ({ENV_PREFIX}MAX_BODY_BYTES)",
+            )
+        call = read_batch(data)
         if len(call.requests) > settings.max_requests:
             _refuse(
                 ("body", "requests"),
                 f"at most {settings.max_requests} requests per call "
                 f"({ENV_PREFIX}MAX_REQUESTS), got {len(call.requests)}",
             )
+        if not fits([item.id for item in call.requests], settings.max_response_bytes):
+            _refuse(
+                ("body", "requests"),
+                f"the answer to {len(call.requests)} requests with these ids would not fit "
+                f"{ENV_PREFIX}MAX_RESPONSE_BYTES ({settings.max_response_bytes}); send fewer, or shorter ids",
+            )
         items = [_to_item(index, item, settings, scopes) for index, item in enumerate(call.requests)]
         concurrency = min(call.concurrency or settings.max_concurrency, settings.max_concurrency)
-        budget = _budget_s(call.deadline_s, settings.deadline_s, request.scope.get("aws.context"))
+        budget = call_budget_s(call.deadline_s, settings.deadline_s, request.scope.get("aws.context"))
         with call_span("batch", call.strategy, len(items)):
             result: BatchRun = await run(
                 items,
@@ -138,11 +219,11 @@ def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telem
                 rate_limit_wait_s=result.rate_limit_wait_s,
             )
         )
-        return _envelope(call, result, settings.max_response_bytes)
+        return _answer(call, result, settings.max_response_bytes)
 
 
-def _refuse(loc: tuple[str | int, ...], message: str, given: Any = None) -> None:
-    raise RequestValidationError([{"loc": loc, "msg": message, "type": "value_error", "input": given}])
+def _refuse(loc: tuple[str | int, ...], message: str, given: Any = None, *, kind: str = "value_error") -> NoReturn:
+    raise RequestValidationError([{"loc": loc, "msg": message, "type": kind, "input": given}])
 
 
 def _to_item(index: int, item: BatchRequestItem, settings: Settings, scopes: dict[str, TargetScope]) -> BatchItem:
@@ -150,7 +231,6 @@ def _to_item(index: int, item: BatchRequestItem, settings: Settings, scopes: dic
     if target is None:
         allowed = ", ".join(sorted(settings.upstreams)) or f"none: {ENV_PREFIX}UPSTREAMS is empty"
         _refuse(("body", "requests", index, "target"), f"unknown target; allowed: {allowed}", item.target)
-        raise AssertionError  # pragma: no cover - _refuse raises
     allowed_headers = ALLOWED_HEADERS | ({"authorization"} if target.forward_authorization else set())
     for name in item.headers:
         if name.lower() not in allowed_headers:
@@ -162,7 +242,7 @@ def _to_item(index: int, item: BatchRequestItem, settings: Settings, scopes: dic
     headers = dict(item.headers)
     body: bytes | None = None
     if "json_body" in item.model_fields_set:
-        body = json.dumps(item.json_body).encode()
+        body = encode_json(item.json_body)
         if not any(name.lower() == "content-type" for name in headers):  # the caller's own wins, sent once
             headers["content-type"] = "application/json"
     elif item.body is not None:
@@ -179,16 +259,7 @@ def _to_item(index: int, item: BatchRequestItem, settings: Settings, scopes: dic
     )
 
 
-def _budget_s(asked: float | None, configured: float, context: Any) -> float:
-    budget = min(asked or math.inf, configured)
-    if context is not None and hasattr(context, "get_remaining_time_in_millis"):
-        budget = min(budget, context.get_remaining_time_in_millis() / 1000 - LAMBDA_MARGIN_S)
-    return max(budget, 0.001)
-
-
-def _envelope(call: BatchRequest, result: BatchRun, max_bytes: int) -> JSONResponse:
-    responses = [_response_json(report) for report in result.reports]
-    dropped = _fit(responses, max_bytes)
+def _answer(call: BatchRequest, result: BatchRun, max_bytes: int) -> Response:
     succeeded = sum(report.ok for report in result.reports)
     skipped = sum(report.skipped is not None for report in result.reports)
     failed = len(result.reports) - succeeded - skipped
@@ -199,63 +270,8 @@ def _envelope(call: BatchRequest, result: BatchRun, max_bytes: int) -> JSONRespo
         "elapsed_ms": round(result.elapsed_s * 1000, 1),
         "strategy": call.strategy,
         "concurrency": result.concurrency,
-        "bodies_dropped": dropped,
     }
     tolerated = call.tolerated_failure_percentage
     over = tolerated is not None and (failed + skipped) * 100 / len(result.reports) > tolerated
-    return JSONResponse({"responses": responses, "summary": summary}, status_code=502 if over else 200)
-
-
-def _response_json(report: ItemReport) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": report.id}
-    if report.response is not None:
-        response = report.response
-        out["status"] = response.status
-        out["headers"] = {k: v for k, v in response.headers.items() if k not in DROPPED_RESPONSE_HEADERS}
-        out.update(_decode_body(response.body, response.headers.get("content-type", ""), response.truncated))
-    elif report.skipped is not None:
-        out["skipped"] = report.skipped
-    else:
-        out["error"] = {"type": report.error, "message": report.message}
-    out["attempts"] = report.attempts
-    out["elapsed_ms"] = round(report.elapsed_s * 1000, 1)
-    return out
-
-
-def _decode_body(data: bytes, content_type: str, truncated: bool) -> dict[str, Any]:
-    """JSON is parsed, text is a string, anything else base64; a cut body is never parsed."""
-    out: dict[str, Any] = {"truncated": True} if truncated else {}
-    media = content_type.split(";")[0].strip().lower()
-    if not data:
-        out["body"] = None
-        return out
-    if not truncated and (media == "application/json" or media.endswith("+json")):
-        try:
-            out["body"] = json.loads(data)
-            return out
-        except ValueError:
-            pass
-    try:
-        out["body"] = data.decode("utf-8")
-    except UnicodeDecodeError:
-        out["body"], out["encoding"] = base64.b64encode(data).decode(), "base64"
-    return out
-
-
-def _fit(responses: list[dict[str, Any]], max_bytes: int) -> int:
-    """Drop bodies, largest first, until the whole answer fits under `max_bytes`; count them."""
-    size = len(json.dumps(responses))
-    if size <= max_bytes:
-        return 0
-    by_size = sorted(
-        (len(json.dumps(r.get("body"))), index) for index, r in enumerate(responses) if r.get("body") is not None
-    )
-    dropped = 0
-    while size > max_bytes and by_size:
-        body_size, index = by_size.pop()
-        responses[index]["body"] = None
-        responses[index]["body_dropped"] = True
-        responses[index].pop("encoding", None)
-        size -= body_size - len('null, "body_dropped": true')
-        dropped += 1
-    return dropped
+    rendered = render(result.reports, summary, max_bytes)
+    return Response(rendered.body, status_code=502 if over else 200, media_type="application/json")

@@ -24,6 +24,10 @@ LOCAL_UPSTREAM_URL = "http://127.0.0.1:3001/delay"
 #: the fan-out must have answered before that.
 API_GATEWAY_LIMIT_S = 29.0
 
+#: What one request can add to a seed route's answer as Lambda posts it, at most: its
+#: status code, and its index and error in `errors` (keys escaped a second time).
+SEED_ANSWER_BYTES_PER_REQUEST = 80
+
 
 class ConfigError(RuntimeError):
     """The environment holds a value the service cannot start with."""
@@ -93,7 +97,9 @@ class Settings(BaseSettings):
     rate_per_s: float = Field(default=0, ge=0, description="Requests started per second per container; 0: no cap.")
     max_attempts: int = Field(default=3, ge=1, le=10)
     max_item_bytes: int = Field(default=256 * 1024, ge=1, le=6_000_000, description="Each /batch body is cut here.")
-    max_response_bytes: int = Field(default=4_000_000, ge=1024, le=5_900_000, description="Under Lambda's 6 MB.")
+    max_response_bytes: int = Field(
+        default=4_000_000, ge=65_536, le=6_000_000, description="The answer as Lambda posts it; its limit is 6 MB."
+    )
     max_body_bytes: int = Field(default=1_000_000, ge=1024, le=6_000_000, description="Largest /batch request body.")
 
     @model_validator(mode="after")
@@ -102,6 +108,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}REQUEST_TIMEOUT_S ({self.request_timeout_s}) must not exceed "
                 f"{ENV_PREFIX}DEADLINE_S ({self.deadline_s})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _seed_answer_fits(self) -> Settings:
+        largest = self.max_requests * SEED_ANSWER_BYTES_PER_REQUEST
+        if largest > self.max_response_bytes:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_REQUESTS ({self.max_requests}) allows answers of up to {largest} bytes, "
+                f"over {ENV_PREFIX}MAX_RESPONSE_BYTES ({self.max_response_bytes}): lower one or raise the other"
             )
         return self
 
@@ -117,8 +133,9 @@ def load_settings() -> Settings:
         problems = []
         for error in exc.errors():
             field, *inside = [str(part) for part in error["loc"]] or [""]
-            name = f"{ENV_PREFIX}{field.upper()}" if field else "configuration"
+            name = f"{ENV_PREFIX}{field.upper()}"
             where = f" [{'.'.join(inside)}]" if inside else ""
             given = f" (got {error['input']!r})" if field and not inside else ""
-            problems.append(f"{name}{where}{given}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}{where}{given}: {message}" if field else message)
         raise ConfigError("Invalid configuration: " + "; ".join(problems)) from exc

@@ -315,12 +315,19 @@ async def _read_capped(response: Any, max_bytes: int) -> tuple[bytes, bool, bool
 
 
 def _response_headers(response: Any, decoded: bool) -> dict[str, str]:
-    """Header names in lower case; once we decoded the body, its wire encoding and length no longer apply."""
-    headers = {name.lower(): value for name, value in response.headers.items()}
+    """Header names in lower case, as text; once we decoded the body, its wire encoding and length no longer apply.
+
+    aiohttp keeps bytes that are not UTF-8 as lone surrogates, which no encoder takes: they become U+FFFD.
+    """
+    headers = {_text(name).lower(): _text(value) for name, value in response.headers.items()}
     if decoded:
         headers.pop("content-encoding", None)
         headers.pop("content-length", None)
     return headers
+
+
+def _text(value: str) -> str:
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _request_error(exc: BaseException) -> RequestError:

@@ -1,0 +1,223 @@
+"""The path AWS takes: the built function under the real runtime interface client, against a Runtime API of ours.
+
+`RuntimeApi` serves the Lambda Runtime API (2018-06-01) on 127.0.0.1: `next`
+hands out the events `invoke` queues, with a deadline header; `response` takes
+the answer, refusing one over Lambda's 6 MB with a 413 as Lambda does; `error`
+and `init/error` record failures. `LambdaProcess` runs `python3.13 -S -m
+awslambdaric app.handler` with Lambda's import paths (the function's code, then
+the layer's `python/`, then the runtime client, and no site-packages), so the
+artifacts of `sam build` are all the function has, as on Lambda.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+#: Lambda's limit on a synchronous invocation's response, as the Runtime API enforces it.
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024
+PREFIX = "/2018-06-01/runtime"
+FUNCTION_ARN = "arn:aws:lambda:us-east-1:123456789012:function:fn"
+
+
+@dataclass
+class Invocation:
+    event: bytes
+    timeout_s: float
+    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: str = ""  # "response", "error", or "too_large" (the runtime's post was refused)
+    payload: bytes = b""
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+    @property
+    def http(self) -> tuple[int, dict[str, Any]]:
+        """An API Gateway-shaped response as status and parsed JSON body."""
+        assert self.outcome == "response", (self.outcome, self.payload[:500])
+        answer = self.json()
+        return answer["statusCode"], json.loads(answer["body"])
+
+
+class RuntimeApi:
+    """The Runtime API one function process talks to; one invocation at a time, as Lambda runs them."""
+
+    def __init__(self) -> None:
+        self.pending: queue.Queue[Invocation] = queue.Queue()
+        self.by_id: dict[str, Invocation] = {}
+        self.init_error: dict[str, Any] | None = None
+        self.init_failed = threading.Event()
+        self.user_agents: list[str] = []  # of every request the API saw: the runtime client's, or a stray one
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> RuntimeApi:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def invoke(self, event: Any, *, timeout_s: float = 30.0, raw: bytes | None = None) -> Invocation:
+        """Queue an event, wait for the function's answer (or its timeout), return the invocation."""
+        invocation = Invocation(event=raw if raw is not None else json.dumps(event).encode(), timeout_s=timeout_s)
+        self.by_id[invocation.request_id] = invocation
+        self.pending.put(invocation)
+        if not invocation.done.wait(timeout_s + 10):
+            raise TimeoutError(f"no answer to {invocation.request_id} within its {timeout_s} s and 10 s more")
+        return invocation
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                api.user_agents.append(self.headers.get("User-Agent", ""))
+                if self.path != f"{PREFIX}/invocation/next":
+                    return self._reply(404, {"errorMessage": f"no route {self.path}"})
+                invocation = api.pending.get()
+                deadline_ms = int((time.time() + invocation.timeout_s) * 1000)
+                self.send_response(200)
+                self.send_header("Lambda-Runtime-Aws-Request-Id", invocation.request_id)
+                self.send_header("Lambda-Runtime-Deadline-Ms", str(deadline_ms))
+                self.send_header(
+                    "Lambda-Runtime-Invoked-Function-Arn", "arn:aws:lambda:us-east-1:123456789012:function:fn"
+                )
+                self.send_header("Lambda-Runtime-Trace-Id", f"Root=1-{uuid.uuid4().hex[:8]}-{uuid.uuid4().hex[:24]}")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(invocation.event)))
+                self.end_headers()
+                self.wfile.write(invocation.event)
+
+            def do_POST(self) -> None:
+                api.user_agents.append(self.headers.get("User-Agent", ""))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = self.path.removeprefix(PREFIX).strip("/").split("/")
+                if parts == ["init", "error"]:
+                    api.init_error = json.loads(body)
+                    api.init_failed.set()
+                    return self._reply(202, {"status": "OK"})
+                if len(parts) != 3 or parts[0] != "invocation" or parts[1] not in api.by_id:
+                    return self._reply(404, {"errorMessage": f"no route {self.path}"})
+                invocation = api.by_id[parts[1]]
+                invocation.payload = body
+                if parts[2] == "response" and len(body) > MAX_RESPONSE_BYTES:
+                    invocation.outcome = "too_large"
+                    message = f"Exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes)."
+                    self._reply(413, {"errorMessage": message, "errorType": "RequestEntityTooLarge"})
+                else:
+                    invocation.outcome = parts[2]
+                    self._reply(202, {"status": "OK"})
+                invocation.done.set()
+                return None
+
+            def _reply(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+
+@dataclass
+class LambdaProcess:
+    """One function container: its Runtime API, its process, and what it printed."""
+
+    api: RuntimeApi
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def peak_rss_kb(self) -> int:
+        """The process's peak resident set since it started or since `reset_peak`."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM)
+
+
+def lambda_paths(built: Path, function: str, ric: Path) -> str:
+    """PYTHONPATH as Lambda's python3.13 builds it: /var/task, the layer's /opt/python, then /var/runtime."""
+    layer = built / "FanoutLayer" / "python"
+    return os.pathsep.join(
+        [str(built / function), str(layer / "lib" / "python3.13" / "site-packages"), str(layer), str(ric)]
+    )
+
+
+@contextmanager
+def lambda_process(
+    built: Path,
+    function: str,
+    *,
+    ric: Path,
+    python: str,
+    env: dict[str, str],
+    scratch: Path,
+    api: RuntimeApi | None = None,
+) -> Iterator[LambdaProcess]:
+    """The built `function` under awslambdaric against `api` (a fresh one by default); both stopped on exit."""
+    if api is None:
+        api = RuntimeApi()
+        api.start()
+    log = scratch / f"{function}-{uuid.uuid4().hex[:8]}.log"
+    environment = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": lambda_paths(built, function, ric),
+        "AWS_LAMBDA_RUNTIME_API": api.address,
+        "AWS_EXECUTION_ENV": "AWS_Lambda_python3.13",
+        "AWS_LAMBDA_FUNCTION_NAME": function,
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "512",
+        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "LAMBDA_TASK_ROOT": str(built / function),
+        "_HANDLER": "app.handler",
+        "TZ": ":UTC",
+        **env,
+    }
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [python, "-S", "-m", "awslambdaric", "app.handler"],
+            env=environment,
+            cwd=built / function,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield LambdaProcess(api=api, process=process, log=log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        api.stop()

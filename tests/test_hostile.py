@@ -1,0 +1,183 @@
+"""Every route against a hostile upstream, run as Lambda runs it: an answer, every item, in time, in bounded memory.
+
+One warm function process per route (the built artifacts under awslambdaric), one
+table of hostile answers (fanout_local.hostile and the upstream's faults). For each:
+the invocation is answered (no 5xx, nothing refused as too large), every request is
+accounted for with the expected status or error, the answer leaves within the
+deadline, and the process's peak memory grows by at most MEMORY_BOUND_MB during it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import load_event, runtime_python
+from fanout_local.upstream import LocalUpstream, running_in_thread
+from lambda_runtime import LambdaProcess, lambda_process
+
+pytestmark = pytest.mark.sam
+
+REQUEST_TIMEOUT_S = 1.0  # below that, a loaded host turns a slow protocol error into a timeout
+DEADLINE_S = 3.0
+SLACK_S = 2.0  # process start of the invocation, writing and posting the answer: generous on a shared host
+MEMORY_BOUND_MB = 48  # growth of the peak RSS during one call (a 50 MB body read whole would be 50 times over)
+
+#: (hostile path, what a seed route reports for it, what /batch reports): a status, or an error's type.
+HOSTILE: list[tuple[str, int | str, int | str]] = [
+    ("/hang", "ReadTimeout", "ReadTimeout"),
+    ("/stall-body", "ReadTimeout", "ReadTimeout"),
+    ("/slow-headers?interval=0.05", "ReadTimeout", "ReadTimeout"),
+    ("/reset", "RemoteProtocolError", "RemoteProtocolError"),
+    ("/cut", "ReadError", "ReadError"),
+    ("/status/503", 503, 503),
+    ("/retry-after?key=hostile&fail=1000000&s=30", 429, 429),
+    ("/huge?mb=50", 200, 200),
+    ("/endless", 200, 200),
+    ("/gzip-bomb?gb=4", 200, 200),
+    ("/bad-json", 200, 200),
+    ("/json?kind=nan", 200, 200),
+    ("/json?kind=infinity", 200, 200),
+    ("/json?kind=big", 200, 200),
+    ("/json?kind=surrogate", 200, 200),
+    ("/json?kind=deep&depth=50000", 200, 200),
+    ("/many-headers?n=10000", "RemoteProtocolError", "RemoteProtocolError"),
+    ("/non-utf8", 200, 200),
+    ("/loop", 302, "TooManyRedirects"),
+]
+SEED_ROUTES = {
+    "SyncFunction": ("sync-http-api-v2.json", "/sync/2", {"n": "2"}),
+    "GatherFunction": ("async-http-api-v2.json", "/async/6", {"n": "6"}),
+    "SemaphoreFunction": ("async_sem-http-api-v2.json", "/async_sem/6/3", {"n": "6", "k": "3"}),
+}
+COMMON_ENV = {
+    "FANOUT_ALLOW_PRIVATE_NETWORKS": "true",  # the hostile upstream is on loopback
+    "FANOUT_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+    "FANOUT_DEADLINE_S": str(DEADLINE_S),
+    "FANOUT_MAX_ATTEMPTS": "2",
+    "LOG_LEVEL": "ERROR",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_upstream() -> Iterator[LocalUpstream]:
+    with running_in_thread(delay_ms=1) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def functions(built: Path, hostile_upstream: LocalUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One warm process per route, started on first use."""
+    ric = Path(os.environ.get("FANOUT_LAMBDA_RIC", ""))
+    if not (ric / "awslambdaric").is_dir() or runtime_python() is None:
+        pytest.skip("awslambdaric for python3.13 not installed: run the tests with `make test`")
+    scratch = tmp_path_factory.mktemp("hostile")
+    running: dict[str, tuple[Any, LambdaProcess]] = {}
+    upstreams = json.dumps({"up": {"url": hostile_upstream.url, "allow_http": True, "max_redirects": 2}})
+    env = {**COMMON_ENV, "FANOUT_TARGET_URL": f"{hostile_upstream.url}/mode", "FANOUT_UPSTREAMS": upstreams}
+
+    def get(function: str) -> LambdaProcess:
+        if function not in running:
+            context = lambda_process(built, function, ric=ric, python=str(runtime_python()), env=env, scratch=scratch)
+            process = context.__enter__()
+            running[function] = (context, process)
+            hostile_upstream.mode = "/delay"
+            # the first call's imports and pool are not the upstream's doing
+            process.api.invoke(seed_event(function) if function in SEED_ROUTES else batch_event(WARM_UP))
+        return running[function][1]
+
+    yield get
+    for context, _ in running.values():
+        context.__exit__(None, None, None)
+
+
+def call(function: LambdaProcess, event: dict[str, Any]) -> tuple[int, dict[str, Any], float, float]:
+    """Invoke; the answer's status and body, the seconds it took, and the peak RSS growth in MB."""
+    rss_before = _rss_kb(function)
+    function.reset_peak()
+    started = time.monotonic()
+    invocation = function.api.invoke(event, timeout_s=30)
+    took = time.monotonic() - started
+    status, body = invocation.http  # asserts the runtime posted a response (not an error, not too large)
+    return status, body, took, (function.peak_rss_kb() - rss_before) / 1024
+
+
+def _rss_kb(function: LambdaProcess) -> int:
+    status = Path(f"/proc/{function.process.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+WARM_UP = [{"id": "warm", "target": "up", "path": "/delay"}]
+
+
+def batch_event(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    event = copy.deepcopy(load_event("batch-http-api-v2.json"))
+    event["body"] = json.dumps({"requests": requests})
+    return event
+
+
+def seed_event(function: str) -> dict[str, Any]:
+    name, path, params = SEED_ROUTES[function]
+    event = copy.deepcopy(load_event(name))
+    event["rawPath"] = event["requestContext"]["http"]["path"] = path
+    event["pathParameters"] = params
+    return event
+
+
+@pytest.mark.parametrize("function", list(SEED_ROUTES))
+@pytest.mark.parametrize(("path", "expected", "_batch"), HOSTILE)
+def test_a_seed_route_answers_every_request_whatever_the_upstream_does(
+    function: str, path: str, expected: int | str, _batch: Any, functions: Any, hostile_upstream: LocalUpstream
+) -> None:
+    process = functions(function)
+    hostile_upstream.mode = path
+    status, body, took, grew_mb = call(process, seed_event(function))
+    n = int(SEED_ROUTES[function][2]["n"])
+    assert status == 200
+    assert len(body["status_codes"]) == body["requests"] == n
+    if isinstance(expected, int):
+        assert body["status_codes"] == [expected] * n
+        assert body["errors"] == []
+    else:
+        assert body["status_codes"] == [None] * n
+        assert {error["index"] for error in body["errors"]} == set(range(n))
+        assert {error["error"] for error in body["errors"]} <= {expected, "DeadlineExceeded"}
+    assert body["succeeded"] + body["failed"] == n
+    assert took < DEADLINE_S + SLACK_S
+    assert grew_mb < MEMORY_BOUND_MB
+
+
+@pytest.mark.parametrize(("path", "_seed", "expected"), HOSTILE)
+def test_a_batch_answers_every_item_whatever_one_upstream_does(
+    path: str, _seed: Any, expected: int | str, functions: Any, hostile_upstream: LocalUpstream
+) -> None:
+    target_path, _, query = path.partition("?")
+    hostile = {
+        "id": "hostile",
+        "target": "up",
+        "path": target_path,
+        "query": dict(p.split("=") for p in query.split("&") if p),
+    }
+    healthy = [{"id": f"ok{i}", "target": "up", "path": "/delay", "query": {"ms": 1}} for i in range(3)]
+    process = functions("BatchFunction")
+    status, body, took, grew_mb = call(process, batch_event([healthy[0], hostile, *healthy[1:]]))
+    assert status == 200
+    assert [item["id"] for item in body["responses"]] == ["ok0", "hostile", "ok1", "ok2"]
+    item = body["responses"][1]
+    if isinstance(expected, int):
+        assert item["status"] == expected
+        assert isinstance(item.get("body"), str | dict | list | type(None))
+    else:
+        assert item["error"]["type"] in (expected, "DeadlineExceeded")
+    assert [body["responses"][i]["status"] for i in (0, 2, 3)] == [200, 200, 200]  # the healthy ones, untouched
+    summary = body["summary"]
+    assert summary["succeeded"] + summary["failed"] + summary["skipped"] == 4
+    assert took < DEADLINE_S + SLACK_S
+    assert grew_mb < MEMORY_BOUND_MB
