@@ -18,7 +18,7 @@ PYTHON ?= $(shell \
 # What the SAM CLI needs to work offline and leave $HOME alone (tests set the same).
 SAM_ENV := SAM_CLI_TELEMETRY=0 AWS_EC2_METADATA_DISABLED=true PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: run dev test lint build bench bench-quick mutate clean
+.PHONY: run upstream dev test lint build bench bench-quick mutate clean
 
 $(VENV)/.installed: pyproject.toml layers/fanout/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no python3 >= 3.11 found on PATH" >&2; exit 1; }
@@ -41,7 +41,11 @@ $(RIC)/.installed:
 
 ## make run: the three functions behind a local API Gateway on :3000, bundled upstream on :3001
 run: $(VENV)/.installed
-	$(VENV)/bin/python -m fanout_local.gateway
+	$(VENV)/bin/python -m fanout_local.gateway $(ARGS)
+
+## make upstream: the bundled upstream alone on :3001, on every interface (for `sam local` containers)
+upstream: $(VENV)/.installed
+	$(VENV)/bin/python -m fanout_local.upstream --host 0.0.0.0 --port 3001
 
 ## make dev: the app alone under uvicorn with reload (one process, default limits), upstream on :3001
 dev: $(VENV)/.installed

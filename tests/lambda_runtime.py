@@ -165,15 +165,14 @@ class LambdaProcess:
         Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM)
 
 
-def lambda_paths(built: Path, function: str, ric: Path) -> str:
-    """PYTHONPATH as Lambda's python3.13 builds it: /var/task, the layer's /opt/python, then /var/runtime."""
-    layer = built / "FanoutLayer" / "python"
-    return os.pathsep.join(
-        [str(built / function), str(layer / "lib" / "python3.13" / "site-packages"), str(layer), str(ric)]
-    )
+def lambda_paths(code: Path, layers: list[Path], ric: Path) -> str:
+    """PYTHONPATH as Lambda's python3.13 builds it: /var/task, each layer's /opt/python, then /var/runtime."""
+    paths = [code]
+    for layer in layers:  # a layer's root, holding python/
+        paths += [layer / "python" / "lib" / "python3.13" / "site-packages", layer / "python"]
+    return os.pathsep.join(map(str, [*paths, ric]))
 
 
-@contextmanager
 def lambda_process(
     built: Path,
     function: str,
@@ -183,32 +182,58 @@ def lambda_process(
     env: dict[str, str],
     scratch: Path,
     api: RuntimeApi | None = None,
+) -> Any:
+    """`function` of a `sam build` output directory, with the fanout layer: see `container`."""
+    return container(
+        built / function, [built / "FanoutLayer"], ric=ric, python=python, env=env, scratch=scratch, api=api
+    )
+
+
+@contextmanager
+def container(
+    code: Path,
+    layers: list[Path],
+    *,
+    ric: Path,
+    python: str,
+    env: dict[str, str],
+    scratch: Path,
+    api: RuntimeApi | None = None,
+    handler: str = "app.handler",
 ) -> Iterator[LambdaProcess]:
-    """The built `function` under awslambdaric against `api` (a fresh one by default); both stopped on exit."""
+    """A function's code and layers under awslambdaric against `api` (a fresh one by default); both stopped on exit.
+
+    `env` overrides the defaults below, as a function configured by the SAM CLI brings its own AWS_* values.
+    A non-empty AWS_LAMBDA_EXEC_WRAPPER must name a file, as Lambda's bootstrap requires.
+    """
     if api is None:
         api = RuntimeApi()
         api.start()
-    log = scratch / f"{function}-{uuid.uuid4().hex[:8]}.log"
+    wrapper = env.get("AWS_LAMBDA_EXEC_WRAPPER", "")
+    if wrapper and not Path(wrapper).is_file():
+        api.stop()
+        raise FileNotFoundError(f"{wrapper}: does not exist (Lambda's bootstrap exits 127)")
+    log = scratch / f"{code.name}-{uuid.uuid4().hex[:8]}.log"
     environment = {
         "PATH": os.environ["PATH"],
-        "PYTHONPATH": lambda_paths(built, function, ric),
-        "AWS_LAMBDA_RUNTIME_API": api.address,
         "AWS_EXECUTION_ENV": "AWS_Lambda_python3.13",
-        "AWS_LAMBDA_FUNCTION_NAME": function,
+        "AWS_LAMBDA_FUNCTION_NAME": code.name,
         "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "512",
         "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
         "AWS_REGION": "us-east-1",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "LAMBDA_TASK_ROOT": str(built / function),
-        "_HANDLER": "app.handler",
         "TZ": ":UTC",
         **env,
+        "PYTHONPATH": lambda_paths(code, layers, ric),
+        "AWS_LAMBDA_RUNTIME_API": api.address,
+        "LAMBDA_TASK_ROOT": str(code),
+        "_HANDLER": handler,
     }
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [python, "-S", "-m", "awslambdaric", "app.handler"],
+            [python, "-S", "-m", "awslambdaric", handler],
             env=environment,
-            cwd=built / function,
+            cwd=code,
             stdout=sink,
             stderr=subprocess.STDOUT,
         )

@@ -44,6 +44,7 @@ ROUTES = {
     "GET /async/{n}": "Gather",
     "GET /async_sem/{n}/{k}": "Semaphore",
     "POST /batch": "Batch",
+    "$default": "Batch",  # the rest: the app's JSON 404 and 405
 }
 BASIC_EXECUTION = "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"  # its own log streams
 XRAY_WRITE = "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess"  # only with tracing on
@@ -208,6 +209,7 @@ def test_each_function_gets_its_environments_limits_layer_and_observability(
         assert function.get("ReservedConcurrentExecutions") == (str(reserved) if reserved else None)
         assert function["Layers"] == [{"Ref": layer}]  # no OtelLayerArn in samconfig: only ours
         assert "AWS_LAMBDA_EXEC_WRAPPER" not in variables
+        assert variables["FANOUT_ALLOW_PRIVATE_NETWORKS"] == "false"  # declared for sam local --env-vars only
         assert variables["LOG_LEVEL"] == params["LogLevel"]
         assert variables["POWERTOOLS_METRICS_NAMESPACE"] == params["MetricsNamespace"]
         assert function["TracingConfig"] == {"Mode": "Active" if params["TracingEnabled"] == "true" else "PassThrough"}

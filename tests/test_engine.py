@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from fanout.engine import (
     SKIPPED_FAIL_FAST,
     FanoutResult,
     Outcome,
+    RequestError,
     Strategy,
     fan_out,
 )
@@ -78,10 +80,22 @@ def test_stop_skips_what_has_not_started(strategy: Strategy) -> None:
         assert [o.value for o in result.outcomes[2:]] == [200] * 4
 
 
-def test_bad_arguments_are_refused() -> None:
+@pytest.mark.parametrize(
+    ("n", "concurrency", "deadline_s"),
+    [(0, 1, 1.0), (-1, 1, 1.0), (1, 0, 1.0), (1, -2, 1.0), (1, 1, 0.0), (1, 1, -1.0)],
+)
+def test_bad_arguments_are_refused(n: int, concurrency: int, deadline_s: float) -> None:
     spy = RunningSpy()
-    with pytest.raises(ValueError, match="n=0"):
-        run(fan_out(spy.send, n=0, strategy=Strategy.GATHER, concurrency=1, deadline_s=1))
+    with pytest.raises(ValueError) as refused:
+        run(fan_out(spy.send, n=n, strategy=Strategy.GATHER, concurrency=concurrency, deadline_s=deadline_s))
+    assert str(refused.value) == f"n={n}, concurrency={concurrency} and deadline_s={deadline_s} must be positive"
+    assert spy.max_running == 0
+
+
+def test_the_smallest_arguments_are_accepted() -> None:
+    spy = RunningSpy()
+    result = run(fan_out(spy.send, n=1, strategy=Strategy.GATHER, concurrency=1, deadline_s=0.5))
+    assert (statuses(result), result.concurrency) == ([200], 1)
 
 
 async def _fan_out_over_http(
@@ -194,3 +208,42 @@ def test_engine_imports_neither_web_nor_lambda_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_error_at_the_deadline_is_the_deadlines_and_nothing_starts_after_it() -> None:
+    """A client whose own timer fires with the deadline turns its cancellation into an error (aiohttp does)."""
+
+    async def send(index: int) -> int:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()  # swallowed, as a client's timeout context does
+            raise RequestError("ReadTimeout", "the client's own timer") from None
+        return 200
+
+    result = run(fan_out(send, n=3, strategy=Strategy.SYNC, concurrency=1, deadline_s=0.2))
+    assert result.outcomes == [Outcome(error=DEADLINE_EXCEEDED)] + [Outcome(skipped=SKIPPED_DEADLINE)] * 2
+    assert result.elapsed_s < 5
+
+
+def test_the_vocabulary_is_fixed() -> None:
+    """These strings reach callers (errors, skipped reasons, strategies) and metrics: renaming one breaks them."""
+    assert (DEADLINE_EXCEEDED, SKIPPED_DEADLINE, SKIPPED_FAIL_FAST) == ("DeadlineExceeded", "deadline", "fail_fast")
+    assert [strategy.value for strategy in Strategy] == ["sync", "gather", "semaphore"]
+
+
+def test_errors_and_outcomes_are_plain_values() -> None:
+    error = RequestError("ReadTimeout")
+    assert (str(error), error.kind, error.detail, error.internal) == ("ReadTimeout", "ReadTimeout", "", None)
+    detailed = RequestError("ForbiddenAddress", "refused (private)", internal="10.0.0.1")
+    assert (str(detailed), detailed.internal) == ("ForbiddenAddress: refused (private)", "10.0.0.1")
+    outcome = Outcome(value=200)
+    assert (outcome.error, outcome.detail, outcome.skipped) == (None, "", None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outcome.value = 500  # type: ignore[misc]
+    result = FanoutResult(strategy=Strategy.SYNC, concurrency=1, elapsed_s=0.0, outcomes=[outcome])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.concurrency = 2  # type: ignore[misc]
+    assert not hasattr(outcome, "__dict__") and not hasattr(result, "__dict__")

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,14 +72,10 @@ def gateway(upstream: LocalUpstream) -> Iterator[RunningGateway]:
 
 
 def logged(gateway: RunningGateway, function: str) -> list[dict[str, Any]]:
-    """The JSON log records one function printed, read back from the gateway's indented output."""
+    """The JSON log records one function printed, read back from the gateway's --raw-logs output."""
     prefix = f"{function:<18}| "
-    text = "".join(line.removeprefix(prefix) for line in list(gateway.output) if line.startswith(prefix))
-    decoder, records, at = json.JSONDecoder(), [], 0
-    while (at := text.find("{", at)) != -1:
-        record, at = decoder.raw_decode(text, at)
-        records.append(record)
-    return records
+    lines = [line.removeprefix(prefix) for line in list(gateway.output) if line.startswith(prefix)]
+    return [record for line in lines if (record := json.loads(line)).get("message")]
 
 
 def wait_for(gateway: RunningGateway, function: str, message: str) -> list[dict[str, Any]]:
@@ -105,20 +107,120 @@ def test_gateway_serves_each_function_with_its_limits(gateway: RunningGateway, u
     status, body = get(f"{base}/async/6")
     assert (status, body["concurrency"], body["succeeded"]) == (200, 6, 6)
     assert get(f"{base}/sync/0")[0] == 422
-    assert get(f"{base}/nowhere") == (404, {"message": "Not Found"})
+    assert get(f"{base}/nowhere") == (404, {"detail": "Not Found"})  # the $default route, as on AWS
     status, body = get(f"{base}/batch", {"requests": [{"id": "a", "target": "local", "path": "/echo", "json": [1]}]})
     assert (status, body["responses"][0]["status"], body["responses"][0]["body"]["body"]) == (200, 200, "[1]")
     process.send_signal(signal.SIGINT)  # Ctrl-C stops the gateway and its workers
     assert process.wait(timeout=15) == 0
 
 
-def test_functions_log_readably_through_the_gateway(gateway: RunningGateway) -> None:
-    assert get(f"{gateway.url}/async_sem/4/2")[0] == 200
-    (summary,) = [r for r in wait_for(gateway, "SemaphoreFunction", "fanout call") if r["message"] == "fanout call"]
-    assert (summary["function"], summary["n"], summary["concurrency"], summary["succeeded"]) == ("semaphore", 4, 2, 4)
-    assert summary["correlation_id"] and summary["function_request_id"]
-    assert f'{"SemaphoreFunction":<18}|     "level":"INFO",\n' in gateway.output  # indented: a key a line
-    assert not any("_aws" in line for line in gateway.output)  # EMF stays out of local output
+def test_make_run_shows_one_readable_line_per_call(upstream: LocalUpstream) -> None:
+    with running_gateway(gateway_parameters(upstream), raw_logs=False) as gateway:
+        assert get(f"{gateway.url}/async_sem/4/2")[0] == 200
+        batch = {"requests": [{"id": "a", "target": "local", "path": "/status/503"}, {"id": "b", "target": "local"}]}
+        # b asks for "/" of the upstream, which has no such route: a 404
+        assert get(f"{gateway.url}/batch", batch)[0] == 200
+        lines = _lines_mentioning(gateway, "BatchFunction", 1)
+    semaphore, batch_line = _lines_mentioning(gateway, "SemaphoreFunction", 1)[0], lines[0]
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d SemaphoreFunction  semaphore n=4 k=2: 4 ok, 0 failed, 0 skipped in \d+ ms\n", semaphore
+    )
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d BatchFunction      semaphore n=2 k=2: 0 ok, 2 failed, 0 skipped in \d+ ms "
+        r"\(1 HTTP5xx, 1 HTTP4xx\)\n",
+        batch_line,
+    )
+    text = "".join(gateway.output)
+    assert "_aws" not in text and '"level"' not in text and "Warning" not in text
+
+
+def _lines_mentioning(gateway: RunningGateway, function: str, count: int) -> list[str]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [line for line in list(gateway.output) if f" {function} " in line]
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{function}: {gateway.output[-20:]}")
+
+
+def test_the_first_screen_names_routes_and_ports_without_warnings(tmp_path: Path) -> None:
+    """What a newcomer sees after `make run`: no warnings, the routes, and where the API listens."""
+    api, upstream = _free_port(), _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fanout_local.gateway", "--port", str(api), "--upstream-port", str(upstream)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    try:
+        screen = []
+        for line in process.stdout:
+            screen.append(line)
+            if line.startswith("fanout API on "):
+                break
+        assert screen[0] == f"local upstream on http://127.0.0.1:{upstream} (GET /delay answers after 50 ms)\n"
+        assert [line.split()[0] for line in screen[1:-1]] == [
+            "SyncFunction",
+            "GatherFunction",
+            "SemaphoreFunction",
+            "BatchFunction",
+        ]
+        assert screen[-1] == f"fanout API on http://127.0.0.1:{api}  (Ctrl-C stops)\n"
+        assert get(f"http://127.0.0.1:{api}/sync/1")[0] == 200  # against the bundled upstream
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=15)
+        process.stdout.close()
+
+
+@pytest.mark.parametrize("which", ["--port", "--upstream-port"])
+def test_a_taken_port_stops_make_run_with_a_plain_message(which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = _free_port()
+        ports = {"--port": other, "--upstream-port": _free_port(), which: port}
+        done = subprocess.run(
+            [sys.executable, "-m", "fanout_local.gateway", *[str(part) for pair in ports.items() for part in pair]],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+        )
+    what = "the API" if which == "--port" else "the bundled upstream"
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"fanout: port {port} ({what}) is already in use, perhaps by another `make run`. "
+        "Stop that, or choose other ports: make run ARGS='--port 3100 --upstream-port 3101'"
+    )
+    assert done.stdout == ""  # nothing was started
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_concurrent_clients_are_all_answered(upstream: LocalUpstream) -> None:
+    """100 clients at once on a function capped at 4 local containers: they queue, none is dropped."""
+    parameters = gateway_parameters(upstream, TargetUrl=f"{upstream.url}/delay?ms=20", FANOUT_LOCAL_CONTAINERS="4")
+    with running_gateway(parameters) as gateway, ThreadPoolExecutor(max_workers=100) as clients:
+        answers = list(clients.map(lambda _: get(f"{gateway.url}/async_sem/3/3")[0], range(100)))
+    assert answers == [200] * 100
+
+
+def test_a_reserved_concurrency_throttles_like_api_gateway(upstream: LocalUpstream) -> None:
+    parameters = gateway_parameters(upstream, TargetUrl=f"{upstream.url}/delay?ms=300", SyncReservedConcurrency="1")
+    with running_gateway(parameters) as gateway, ThreadPoolExecutor(max_workers=6) as clients:
+        answers = list(clients.map(lambda _: get(f"{gateway.url}/sync/1"), range(6)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses.count(200) >= 1 and statuses.count(429) >= 1 and set(statuses) == {200, 429}
+    assert {json.dumps(body) for status, body in answers if status == 429} == {'{"message": "Too Many Requests"}'}
 
 
 def test_log_level_parameter_reaches_the_functions(upstream: LocalUpstream) -> None:

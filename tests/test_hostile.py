@@ -148,7 +148,7 @@ def test_a_seed_route_answers_every_request_whatever_the_upstream_does(
     else:
         assert body["status_codes"] == [None] * n
         assert {error["index"] for error in body["errors"]} == set(range(n))
-        assert {error["error"] for error in body["errors"]} <= {expected, "DeadlineExceeded"}
+        assert {error["error"] for error in body["errors"]} == {expected}  # in time: not cut by the deadline
     assert body["succeeded"] + body["failed"] == n
     assert took < DEADLINE_S + SLACK_S
     assert grew_mb < MEMORY_BOUND_MB
@@ -175,7 +175,7 @@ def test_a_batch_answers_every_item_whatever_one_upstream_does(
         assert item["status"] == expected
         assert isinstance(item.get("body"), str | dict | list | type(None))
     else:
-        assert item["error"]["type"] in (expected, "DeadlineExceeded")
+        assert item["error"]["type"] == expected
     assert [body["responses"][i]["status"] for i in (0, 2, 3)] == [200, 200, 200]  # the healthy ones, untouched
     summary = body["summary"]
     assert summary["succeeded"] + summary["failed"] + summary["skipped"] == 4

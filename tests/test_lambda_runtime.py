@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,22 @@ def test_a_target_at_the_runtime_api_is_refused_even_with_private_networks_allow
         "message": "refused (runtime_api): the destination is the Lambda runtime API",
     }
     assert not [agent for agent in api.user_agents if "aiohttp" in agent]  # only the runtime client called it
+
+
+@pytest.mark.parametrize(
+    ("function", "event", "n"),
+    [("SyncFunction", "sync-http-api-v2.json", 10), ("GatherFunction", "async-http-api-v2.json", 20)],
+)
+def test_a_seed_route_answers_before_lambdas_remaining_time_runs_out(
+    function: str, event: str, n: int, start: Any, upstream: LocalUpstream
+) -> None:
+    """3 s left of the invocation, a 4 s upstream: the answer leaves in time, the requests cut by the deadline."""
+    process = start(function, FANOUT_TARGET_URL=f"{upstream.url}/delay?ms=4000", FANOUT_ALLOW_PRIVATE_NETWORKS="true")
+    started = time.monotonic()
+    invocation = process.api.invoke(load_event(event), timeout_s=3)
+    took = time.monotonic() - started
+    status, body = invocation.http
+    assert status == 200
+    assert took < 3  # Lambda would have ended the invocation at 3 s, and the caller got nothing
+    assert body["status_codes"] == [None] * n
+    assert body["errors"] == [{"index": i, "error": "DeadlineExceeded"} for i in range(n)]

@@ -14,6 +14,7 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import status_code_conformance
 
 from conftest import post_batch
 from fanout.app import create_app
@@ -109,7 +110,18 @@ def live_api(shared_upstream: LocalUpstream) -> Iterator[str]:
     loop.close()
 
 
+def refusal_says_why(ctx: Any, response: Any, case: Any) -> bool | None:
+    """A 4xx names what is wrong: a 422's message and its fields, a 413's limit."""
+    if 400 <= response.status_code < 500:
+        body = response.json()
+        if response.status_code == 422:
+            assert body["message"] and all(error["loc"] and error["msg"] for error in body["detail"]), body
+        else:
+            assert body["detail"], body
+    return None
+
+
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_input_makes_a_500(case: Any, live_api: str) -> None:
-    case.call_and_validate(base_url=live_api, checks=[not_a_server_error])
+def test_no_input_makes_a_500_and_every_refusal_says_why(case: Any, live_api: str) -> None:
+    case.call_and_validate(base_url=live_api, checks=[not_a_server_error, status_code_conformance, refusal_says_why])

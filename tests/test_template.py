@@ -27,11 +27,12 @@ def template() -> dict[str, Any]:
 
 
 def test_template_routes_are_exactly_the_app_routes(template: dict[str, Any]) -> None:
+    functions = local_functions(template, ROOT, {"TargetUrl": "https://example.com"})
     declared = {
-        (route.method, route.path)
-        for function in local_functions(template, ROOT, {"TargetUrl": "https://example.com"})
-        for route in function.routes
+        (route.method, route.path) for function in functions for route in function.routes if not route.is_default
     }
+    (default,) = [function.name for function in functions for route in function.routes if route.is_default]
+    assert default == "BatchFunction"  # its app answers 404 and 405 for the rest
     app = create_app(Settings())
     served = {(method, route.path) for route in app.routes if isinstance(route, APIRoute) for method in route.methods}
     assert (
@@ -56,8 +57,30 @@ def test_each_function_has_its_own_concurrency_parameter(template: dict[str, Any
     assert all(ref in template["Parameters"] for ref in refs.values())
 
 
-def test_private_networks_are_never_allowed_in_the_template() -> None:
-    assert "FANOUT_ALLOW_PRIVATE_NETWORKS" not in TEMPLATE.read_text()
+def test_private_networks_are_declared_and_never_allowed_in_the_template(template: dict[str, Any]) -> None:
+    """Declared, so that `sam local --env-vars` may set it for a local upstream; false wherever it is written."""
+    assert template["Globals"]["Function"]["Environment"]["Variables"]["FANOUT_ALLOW_PRIVATE_NETWORKS"] == "false"
+    assert TEMPLATE.read_text().count("FANOUT_ALLOW_PRIVATE_NETWORKS") == 1
+
+
+def test_each_route_is_written_once_per_auth_mode_without_novalue(template: dict[str, Any]) -> None:
+    """The SAM CLI's resolver cannot take Fn::If with AWS::NoValue in a route's AuthorizerId (start-api fails)."""
+    routes = {name: r for name, r in template["Resources"].items() if r["Type"] == "AWS::ApiGatewayV2::Route"}
+    by_condition: dict[str, set[str]] = {}
+    for resource in routes.values():
+        by_condition.setdefault(resource["Condition"], set()).add(resource["Properties"]["RouteKey"])
+        assert "Fn::If" not in json.dumps(resource["Properties"])
+    assert (
+        by_condition["UseIam"]
+        == by_condition["UseJwt"]
+        == {
+            "GET /sync/{n}",
+            "GET /async/{n}",
+            "GET /async_sem/{n}/{k}",
+            "POST /batch",
+            "$default",
+        }
+    )
 
 
 def test_target_url_is_required_and_deadline_fits_api_gateway(template: dict[str, Any]) -> None:

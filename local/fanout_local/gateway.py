@@ -1,18 +1,22 @@
-"""`sam local start-api` without containers: routes from template.yaml, one process per function.
+"""`sam local start-api` without containers: routes from template.yaml, a pool of processes per function.
 
 `python -m fanout_local.gateway` (what `make run` calls):
-1. starts the bundled upstream (fanout_local.upstream) unless `--no-upstream`;
-2. reads template.yaml and starts one worker process per function, with that
-   function's environment (Parameter defaults, each overridable from the shell
-   by its name, e.g. `SemaphoreMaxConcurrency=50`; `TargetUrl`, and `Upstreams`
-   as the /batch target "local", default to the bundled upstream);
-3. serves http://127.0.0.1:3000, turning each request into an HTTP API v2 event
-   for the function whose route matches, and the handler's answer back into HTTP.
+1. checks that its ports are free, and stops with a plain message if one is not;
+2. starts the bundled upstream (fanout_local.upstream) unless `--no-upstream`;
+3. reads template.yaml and starts each function's first process ("container") with
+   that function's environment (Parameter defaults, each overridable from the shell
+   by its name, e.g. `SemaphoreMaxConcurrency=50`; `TargetUrl`, and `Upstreams` as
+   the /batch target "local", default to the bundled upstream);
+4. serves http://127.0.0.1:3000, turning each request into an HTTP API v2 event for
+   the function whose route matches (`$default` for the rest) and the handler's
+   answer back into HTTP.
 
-Each worker runs one invocation at a time, like one Lambda container. Its logs
-are the same Powertools JSON lines as on Lambda, indented (POWERTOOLS_DEV=true,
-which also keeps the EMF metric lines out; set POWERTOOLS_DEV=false to see the
-lines exactly as CloudWatch gets them) and marked with the function's name.
+Each process runs one invocation at a time, like one Lambda container, and a function
+gets more of them while calls wait (fanout_local.pool): up to its reserved concurrency,
+past which a call is throttled with API Gateway's 429, or else up to
+FANOUT_LOCAL_CONTAINERS (4), past which calls wait their turn. Nothing is dropped:
+the listen backlog is deep. The functions' output is one readable line per call
+(fanout_local.console; `--raw-logs` for the JSON lines CloudWatch gets).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import http.client
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,18 +39,26 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from fanout_local.template import LocalFunction, Route, load_template, local_functions
+from fanout_local.console import Console
+from fanout_local.pool import DEFAULT_LOCAL_CONTAINERS, FunctionPool, Throttled, Unavailable
+from fanout_local.template import LocalFunction, Route, load_template, local_functions, parameter_values
 
 ROOT = Path(__file__).resolve().parents[2]
+LOCAL_CONTAINERS_ENV = "FANOUT_LOCAL_CONTAINERS"
+#: What the local gateway sets over the template for its functions (unless the shell sets it):
+#: the bundled upstream is on loopback, which the functions refuse on Lambda.
+LOCAL_ONLY = {"FANOUT_ALLOW_PRIVATE_NETWORKS": "true"}
 
 
-@dataclass(frozen=True)
-class Worker:
-    function: LocalFunction
-    port: int
+class PortInUse(SystemExit):
+    def __init__(self, what: str, port: int) -> None:
+        super().__init__(
+            f"fanout: port {port} ({what}) is already in use, perhaps by another `make run`. "
+            f"Stop that, or choose other ports: make run ARGS='--port 3100 --upstream-port 3101'"
+        )
 
 
 def http_api_event(
@@ -65,7 +78,7 @@ def http_api_event(
         "rawPath": url.path,
         "rawQueryString": url.query,
         "headers": {name.lower(): value for name, value in headers.items()},
-        "pathParameters": path_parameters,
+        **({"pathParameters": path_parameters} if path_parameters else {}),
         "requestContext": {
             "accountId": "123456789012",
             "apiId": "local",
@@ -87,45 +100,88 @@ def http_api_event(
     }
 
 
-@contextmanager
-def start_worker(function: LocalFunction, base_env: Mapping[str, str]) -> Iterator[Worker]:
-    """One process for one function, its handler imported; stopped on exit."""
-    env = {**base_env, **function.environment, "AWS_LAMBDA_FUNCTION_NAME": function.name}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fanout_local.worker",
-            "--code-dir",
-            str(function.code_dir),
-            "--handler",
-            function.handler,
-            "--function-name",
-            function.name,
-            "--timeout-s",
-            str(function.timeout_s),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("READY "):
-            process.wait(timeout=10)
-            raise SystemExit(f"{function.name} failed to start (see its error above)")
-        threading.Thread(target=_show_logs, args=(process.stdout, function.name), daemon=True).start()
-        yield Worker(function=function, port=int(line.split()[1]))
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+def pool_limits(function: LocalFunction, parameters: Mapping[str, str], local_cap: int) -> tuple[int, bool]:
+    """How many containers a function may have, and whether calls past that are throttled (reserved)."""
+    reserved = parameters.get(function.name.removesuffix("Function") + "ReservedConcurrency", "0")
+    if reserved.isdigit() and int(reserved) > 0:
+        return int(reserved), True
+    return local_cap, False
 
 
-def _show_logs(stream: IO[str], function_name: str) -> None:
-    """A function's log lines on the gateway's stdout, each marked with the function's name."""
-    for line in stream:
-        print(f"{function_name:<18}| {line}", end="", flush=True)
+class Gateway(ThreadingHTTPServer):
+    """API Gateway, locally: routes to pools, with a backlog deep enough that no connection is refused."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.routes: list[tuple[FunctionPool, Route]] = []
+        try:
+            super().__init__(address, _Handler)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse("the API", address[1]) from exc
+            raise
+
+    def serve(self, pools: list[FunctionPool]) -> None:
+        # API Gateway prefers any route that matches to $default
+        self.routes = sorted(
+            ((pool, route) for pool in pools for route in pool.function.routes), key=lambda pair: pair[1].is_default
+        )
+        self.serve_forever()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Gateway
+
+    def _dispatch(self) -> None:
+        path = urlsplit(self.path).path
+        for pool, route in self.server.routes:
+            params = route.match(self.command, path)
+            if params is not None:
+                return self._invoke(pool, route, params)
+        return self._reply(404, {"content-type": "application/json"}, b'{"message":"Not Found"}')
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+    def _invoke(self, pool: FunctionPool, route: Route, params: dict[str, str]) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        event = http_api_event(route, self.command, self.path, dict(self.headers), body, params)
+        try:
+            with pool.container() as container:
+                result = container.invoke(event, pool.function.timeout_s)
+        except Throttled:
+            return self._reply(429, {"content-type": "application/json"}, b'{"message":"Too Many Requests"}')
+        except Unavailable:
+            return self._reply(503, {"content-type": "application/json"}, b'{"message":"Service Unavailable"}')
+        payload = result.get("body") or ""
+        data = base64.b64decode(payload) if result.get("isBase64Encoded") else payload.encode()
+        return self._reply(result["statusCode"], result.get("headers") or {}, data)
+
+    def _reply(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            if name.lower() not in ("content-length", "connection"):
+                self.send_header(name, value)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # the console shows one line per call
+        pass
+
+
+def check_free(host: str, port: int, what: str) -> None:
+    """PortInUse naming `what` if host:port is taken (before anything is started)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(what, port) from exc
+            raise
 
 
 @dataclass
@@ -136,16 +192,18 @@ class RunningGateway:
 
 
 @contextmanager
-def running_gateway(parameters: Mapping[str, str]) -> Iterator[RunningGateway]:
+def running_gateway(parameters: Mapping[str, str], *, raw_logs: bool = True) -> Iterator[RunningGateway]:
     """This gateway in a subprocess on a free port, without the bundled upstream: for tests and benchmarks.
 
     `parameters` override template Parameters by name (e.g. TargetUrl), and may set other
-    variables of the functions' environment (e.g. POWERTOOLS_DEV).
+    variables of the functions' environment (e.g. LOG_LEVEL).
     """
+    command = [sys.executable, "-m", "fanout_local.gateway", "--port", "0", "--no-upstream"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "fanout_local.gateway", "--port", "0", "--no-upstream"],
+        [*command, *(["--raw-logs"] if raw_logs else [])],
         env={**os.environ, **parameters},
         stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         cwd=ROOT,
     )
@@ -161,46 +219,22 @@ def running_gateway(parameters: Mapping[str, str]) -> Iterator[RunningGateway]:
     finally:
         if process.poll() is None:
             process.terminate()
-            process.wait(timeout=10)
+            process.wait(timeout=15)
         process.stdout.close()
 
 
-def make_server(workers: list[Worker], host: str, port: int) -> ThreadingHTTPServer:
-    class Gateway(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _dispatch(self) -> None:
-            path = urlsplit(self.path).path
-            for worker in workers:
-                for route in worker.function.routes:
-                    params = route.match(self.command, path)
-                    if params is not None:
-                        return self._invoke(worker, route, params)
-            return self._reply(404, {"content-type": "application/json"}, b'{"message":"Not Found"}')
-
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
-
-        def _invoke(self, worker: Worker, route: Route, params: dict[str, str]) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            event = http_api_event(route, self.command, self.path, dict(self.headers), body, params)
-            connection = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=worker.function.timeout_s)
-            connection.request("POST", "/", json.dumps(event), {"content-type": "application/json"})
-            result = json.loads(connection.getresponse().read())
-            connection.close()
-            payload = result.get("body") or ""
-            data = base64.b64decode(payload) if result.get("isBase64Encoded") else payload.encode()
-            self._reply(result["statusCode"], result.get("headers") or {}, data)
-
-        def _reply(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-            self.send_response(status)
-            for name, value in headers.items():
-                if name.lower() not in ("content-length", "connection"):
-                    self.send_header(name, value)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    return ThreadingHTTPServer((host, port), Gateway)
+def _start_upstream(port: int, delay_ms: float) -> subprocess.Popen[str]:
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "fanout_local.upstream", "--port", str(port), "--delay-ms", str(delay_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert upstream.stdout is not None
+    line = upstream.stdout.readline()  # "local upstream on ...", once it listens
+    if not line:
+        raise SystemExit(f"fanout: the bundled upstream did not start on port {port} (see its error above)")
+    print(line, end="", flush=True)
+    return upstream
 
 
 def main() -> None:
@@ -211,9 +245,13 @@ def main() -> None:
     parser.add_argument("--upstream-port", type=int, default=3001)
     parser.add_argument("--upstream-delay-ms", type=float, default=50.0)
     parser.add_argument("--no-upstream", action="store_true", help="do not start the bundled upstream")
+    parser.add_argument("--raw-logs", action="store_true", help="the functions' JSON log lines, as CloudWatch has them")
     args = parser.parse_args()
     _stop_on_signals()
 
+    server = Gateway((args.host, args.port))
+    if not args.no_upstream:
+        check_free("127.0.0.1", args.upstream_port, "the bundled upstream")
     overrides = dict(os.environ)
     if not args.no_upstream:
         bundled = f"http://127.0.0.1:{args.upstream_port}"
@@ -221,40 +259,46 @@ def main() -> None:
         overrides.setdefault(
             "Upstreams", json.dumps({"local": {"url": bundled, "allow_http": True, "max_redirects": 2}})
         )
-    # Local targets live on loopback; on Lambda this variable is never set (see fanout.egress).
-    base_env = {"FANOUT_ALLOW_PRIVATE_NETWORKS": "true", "POWERTOOLS_DEV": "true", **os.environ}
     template = load_template(args.template)
     functions = local_functions(template, args.template.parent, overrides)
+    parameters = parameter_values(template, overrides)
+    local_cap = int(os.environ.get(LOCAL_CONTAINERS_ENV, DEFAULT_LOCAL_CONTAINERS))
+    console = Console(raw=args.raw_logs)
+    local_only = {name: os.environ.get(name, value) for name, value in LOCAL_ONLY.items()}
 
     with ExitStack() as stack:
+        stack.callback(server.server_close)
         if not args.no_upstream:
-            upstream = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fanout_local.upstream",
-                    "--port",
-                    str(args.upstream_port),
-                    "--delay-ms",
-                    str(args.upstream_delay_ms),
-                ]
-            )
+            upstream = _start_upstream(args.upstream_port, args.upstream_delay_ms)
             stack.callback(upstream.wait, 10)
             stack.callback(upstream.terminate)
-        workers = [stack.enter_context(start_worker(function, base_env)) for function in functions]
-        server = make_server(workers, args.host, args.port)
-        stack.callback(server.server_close)
-        for worker in workers:
-            routes = ", ".join(route.route_key for route in worker.function.routes)
-            limit = worker.function.environment.get("FANOUT_MAX_CONCURRENCY", "-")
-            print(f"{worker.function.name:<18} {routes:<28} max concurrency {limit}", flush=True)
+        pools = []
+        for function in functions:
+            limit, throttles = pool_limits(function, parameters, local_cap)
+            environment = {
+                **os.environ,
+                **function.environment,
+                **local_only,
+                "AWS_LAMBDA_FUNCTION_NAME": function.name,
+            }
+            pool = FunctionPool(
+                function, environment, limit=limit, throttles=throttles, on_output=console.function_output
+            )
+            stack.callback(pool.stop)
+            pool.start()
+            pools.append(pool)
+        for pool in pools:
+            routes = ", ".join(route.route_key for route in pool.function.routes)
+            limit = pool.function.environment.get("FANOUT_MAX_CONCURRENCY", "-")
+            scale = f"{pool.limit} reserved" if pool.throttles else f"up to {pool.limit} local"
+            print(f"{pool.function.name:<18} {routes:<38} max concurrency {limit:<4} containers: {scale}", flush=True)
         print(f"fanout API on http://{args.host}:{server.server_address[1]}  (Ctrl-C stops)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            server.serve_forever()
+            server.serve(pools)
 
 
 def _stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM both stop the gateway, its workers and the upstream."""
+    """Ctrl-C and SIGTERM both stop the gateway, its functions and the upstream."""
 
     def stop(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt

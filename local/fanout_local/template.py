@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+DEFAULT_ROUTE = "$default"
+
 
 @dataclass(frozen=True)
 class Route:
@@ -26,10 +28,17 @@ class Route:
 
     @property
     def route_key(self) -> str:
-        return f"{self.method} {self.path}"
+        return DEFAULT_ROUTE if self.is_default else f"{self.method} {self.path}"
+
+    @property
+    def is_default(self) -> bool:
+        """API Gateway's `$default` route: whatever no other route takes."""
+        return self.path == DEFAULT_ROUTE
 
     def match(self, method: str, path: str) -> dict[str, str] | None:
         """The path parameters if this route takes the request, else None."""
+        if self.is_default:
+            return {}
         if self.method not in (method, "ANY"):
             return None
         pattern = re.sub(r"\\\{(\w+)\\\+\\\}", r"(?P<\1>.+)", re.escape(self.path))
@@ -83,18 +92,25 @@ def parameter_values(template: Mapping[str, Any], overrides: Mapping[str, str]) 
 
 
 def _api_routes(resources: Mapping[str, Any]) -> dict[str, list[Route]]:
-    """Function name -> its routes, from AWS::ApiGatewayV2::Route -> Integration -> function."""
+    """Function name -> its routes, from AWS::ApiGatewayV2::Route -> Integration -> function.
+
+    A route written once per AuthMode (each under its condition) is one route here: the local
+    gateway authorizes nothing, so both spell the same thing.
+    """
     routes: dict[str, list[Route]] = {}
     for resource in resources.values():
         if resource.get("Type") != "AWS::ApiGatewayV2::Route":
             continue
         props = resource["Properties"]
-        method, path = props["RouteKey"].split(" ", 1)
+        key = props["RouteKey"]
+        method, path = ("ANY", DEFAULT_ROUTE) if key == DEFAULT_ROUTE else key.split(" ", 1)
         target = props["Target"]["Fn::Sub"] if isinstance(props["Target"], dict) else props["Target"]
         integration = resources[re.fullmatch(r"integrations/\$\{(\w+)\}", target).group(1)]  # type: ignore[union-attr]
         uri = integration["Properties"]["IntegrationUri"]
         function = (uri.get("Fn::GetAtt") or "").split(".")[0] if isinstance(uri, dict) else ""
-        routes.setdefault(function, []).append(Route(method=method.upper(), path=path))
+        route = Route(method=method.upper(), path=path)
+        if route not in routes.setdefault(function, []):
+            routes[function].append(route)
     return routes
 
 

@@ -37,10 +37,12 @@ import json
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fanout_local import hostile
@@ -71,6 +73,7 @@ class LocalUpstream:
         self.stats = UpstreamStats()
         self.calls: dict[str, int] = {}  # per `key` of the fault endpoints
         self.mode = "/delay"  # what GET /mode answers as: tests point a function's one target at /mode
+        self.arrivals: deque[float] = deque(maxlen=100_000)  # monotonic time each request arrived
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -115,8 +118,10 @@ class LocalUpstream:
                 if "cookie" in headers:
                     self.stats.requests_with_cookie += 1
                 request = Request(method, target, headers, body)
+                self.arrivals.append(time.monotonic())
                 try:
-                    if not await self._respond(request, writer, keep_alive):
+                    answer: Any = _HeadersOnly(writer) if method == "HEAD" else writer
+                    if not await self._respond(request, answer, keep_alive):
                         return
                     await writer.drain()
                 except ConnectionError:
@@ -212,6 +217,23 @@ class LocalUpstream:
         else:
             writer.write(_response(404, {"error": f"no route {path}"}, keep_alive))
         return True
+
+
+class _HeadersOnly:
+    """A writer for a HEAD request: the status line and headers go out, the body that GET would get does not."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        if not self._done:
+            head, found, _ = data.partition(b"\r\n\r\n")
+            self._writer.write(head + found)
+            self._done = bool(found)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
 
 
 @dataclass(frozen=True)

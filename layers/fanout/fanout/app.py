@@ -6,6 +6,7 @@ A 422 is written whatever the input held (NaN, a lone surrogate, deep nesting):
 the input is shown as a bounded repr, never re-encoded as JSON.
 """
 
+import math
 import reprlib
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -178,12 +179,26 @@ async def _explain_validation_error(_request: Request, exc: Exception) -> JSONRe
             "loc": [_text(part) if isinstance(part, str) else part for part in error["loc"]],
             "msg": _text(error["msg"]),
             "type": error["type"],
-            "input": _text(_shown.repr(error.get("input"))),
+            "input": _plain(error.get("input")),
         }
         for error in errors
     ]
-    message = "; ".join(f"{error['loc'][-1]}: {error['msg']} (got {error['input']})" for error in detail)
+    message = "; ".join(
+        f"{shown['loc'][-1]}: {shown['msg']} (got {_text(_shown.repr(error.get('input')))})"
+        for shown, error in zip(detail, errors, strict=True)
+    )
     return JSONResponse(status_code=422, content={"message": message, "detail": detail})
+
+
+def _plain(value: Any) -> Any:
+    """A scalar JSON can carry as it is, or else a bounded repr of it (NaN, a surrogate, a deep list)."""
+    if value is None or (isinstance(value, bool | int) and abs(value) < 2**53):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, str) and len(value) <= 200 and _text(value) == value:
+        return value
+    return _text(_shown.repr(value))
 
 
 def _text(value: str) -> str:

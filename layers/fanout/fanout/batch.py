@@ -116,6 +116,7 @@ class _Progress:
 
     attempts: list[int]
     latencies_ms: list[list[float]]
+    started: list[float]  # perf_counter when each item started (0: never)
     rate_limit_waits: int = 0
     rate_limit_wait_s: float = 0.0
 
@@ -154,12 +155,12 @@ class BatchRunner:
     async def run(
         self, items: list[BatchItem], *, strategy: Strategy, concurrency: int, budget_s: float, fail_fast: bool
     ) -> BatchRun:
-        progress = _Progress(attempts=[0] * len(items), latencies_ms=[[] for _ in items])
+        progress = _Progress(attempts=[0] * len(items), latencies_ms=[[] for _ in items], started=[0.0] * len(items))
         stop = asyncio.Event() if fail_fast else None
         deadline = time.monotonic() + budget_s
 
         async def send(index: int) -> ItemReport:
-            started = time.perf_counter()
+            progress.started[index] = started = time.perf_counter()
             report = await self._send_with_retries(items[index], index, progress, deadline)
             report = replace(report, elapsed_s=time.perf_counter() - started)
             if report.error is not None and time.monotonic() >= deadline:  # see fanout.engine: cut, not failed
@@ -171,9 +172,10 @@ class BatchRunner:
         result = await fan_out(
             send, n=len(items), strategy=strategy, concurrency=concurrency, deadline_s=budget_s, stop=stop
         )
+        ended = time.perf_counter()
         reports = [
             replace(
-                _report(item, outcome, progress.attempts[index], result.elapsed_s),
+                _report(item, outcome, progress.attempts[index], ended - progress.started[index]),
                 latencies_ms=tuple(progress.latencies_ms[index]),
             )
             for index, (item, outcome) in enumerate(zip(items, result.outcomes, strict=True))
@@ -264,7 +266,10 @@ def _retryable_error(exc: BaseException) -> bool:
 
 
 def _report(item: BatchItem, outcome: Outcome[ItemReport], attempts: int, elapsed_s: float) -> ItemReport:
-    """The engine's outcome as a report; cut-off and skipped items keep the attempts they made."""
+    """The engine's outcome as a report; cut-off and skipped items keep the attempts they made.
+
+    `elapsed_s` is the time since the item started, for an item the deadline cut off.
+    """
     if outcome.value is not None:
         return outcome.value
     if outcome.skipped is not None:
