@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import dataclasses
 import itertools
 import json
 import random
@@ -12,10 +14,13 @@ from typing import Any
 
 import pytest
 from tenacity import AsyncRetrying, Future, RetryCallState
+from yarl import URL
 
-from conftest import lambda_context, load_event, post_batch
-from fanout.batch import BatchRunner, retry_after_s
-from fanout.engine import RequestError
+from conftest import lambda_context, load_event, post_batch, run
+from fanout.batch import BatchItem, BatchRun, BatchRunner, ItemReport, _retryable_error, retry_after_s
+from fanout.engine import RequestError, Strategy
+from fanout.settings import UpstreamTarget
+from fanout.targets import TargetScope
 from fanout.transports import UpstreamResponse
 from fanout_local.upstream import LocalUpstream
 
@@ -336,7 +341,7 @@ def test_an_answer_from_400_up_counts_as_failed(status: int, succeeded: int, han
 
 def backoff_waits(attempt: int, samples: int = 400) -> list[float]:
     """What the runner waits after a failed `attempt` (a connection error: no Retry-After), `samples` times."""
-    runner = BatchRunner(transport=None, max_attempts=10, max_item_bytes=1)  # type: ignore[arg-type]
+    runner = BatchRunner(transport=None, max_attempts=10, max_item_bytes=1, rate_per_s=0)  # type: ignore[arg-type]
     state = RetryCallState(retry_object=AsyncRetrying(), fn=None, args=(), kwargs={})
     state.attempt_number = attempt
     failed: Future = Future(attempt)
@@ -355,7 +360,7 @@ def test_backoff_is_full_jitter_in_a_window_that_doubles_to_five_seconds(attempt
 
 
 def test_retry_after_wins_over_the_backoff() -> None:
-    runner = BatchRunner(transport=None, max_attempts=10, max_item_bytes=1)  # type: ignore[arg-type]
+    runner = BatchRunner(transport=None, max_attempts=10, max_item_bytes=1, rate_per_s=0)  # type: ignore[arg-type]
     state = RetryCallState(retry_object=AsyncRetrying(), fn=None, args=(), kwargs={})
     answered: Future = Future(1)
     answered.set_result(UpstreamResponse(status=429, headers={"retry-after": "7"}, body=b"", truncated=False))
@@ -380,3 +385,72 @@ def test_an_idempotency_key_is_sent_as_a_header(handler: Any) -> None:
     request = {"id": "p", "method": "POST", "target": "up", "path": "/echo", "json": {}, "idempotency_key": "k-9"}
     _, body = post_batch(handler, {"requests": [request]})
     assert body["responses"][0]["body"]["headers"]["idempotency-key"] == "k-9"
+
+
+@pytest.mark.parametrize(
+    ("kind", "retried"),
+    [
+        ("ConnectError", True),
+        ("ConnectTimeout", True),
+        ("ReadTimeout", True),
+        ("ReadError", True),
+        ("RemoteProtocolError", True),
+        ("ForbiddenAddress", False),
+        ("RedirectRefused", False),
+        ("TooManyRedirects", False),
+        ("DecodingError", False),
+        ("InvalidURL", False),
+    ],
+)
+def test_which_errors_are_retried(kind: str, retried: bool) -> None:
+    assert _retryable_error(RequestError(kind)) is retried
+    assert _retryable_error(ValueError(kind)) is False  # only the transport's errors, by their kind
+
+
+def test_a_retry_after_of_zero_is_retried_until_it_succeeds(handler: Any) -> None:
+    """No wait before a retry is still a retry within the budget, not a reason to stop."""
+    _, body = post_batch(handler, {"deadline_s": 0.8, "requests": [get("/retry-after", key="zero", fail=2, s=0)]})
+    assert (body["responses"][0]["status"], body["responses"][0]["attempts"]) == (200, 3)
+
+
+class SwallowingTransport:
+    """A client whose own timer fires with the deadline and turns the cancellation into its error."""
+
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+            raise RequestError("ReadTimeout", "the client's own timer") from None
+        raise AssertionError("unreachable")
+
+
+def test_an_error_at_the_deadline_is_reported_as_the_deadlines() -> None:
+    runner = BatchRunner(SwallowingTransport(), max_attempts=3, max_item_bytes=10, rate_per_s=0)  # type: ignore[arg-type]
+    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
+    items = [
+        BatchItem(id=str(i), method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+        for i in range(2)
+    ]
+    result = run(runner.run(items, strategy=Strategy.SYNC, concurrency=1, budget_s=0.2, fail_fast=False))
+    first, second = result.reports
+    assert (first.error, first.message, first.attempts) == (
+        "DeadlineExceeded",
+        "the call's deadline passed while this request was in flight",
+        1,
+    )
+    assert (second.skipped, second.attempts) == ("deadline", 0)
+
+
+def test_batch_records_are_values() -> None:
+    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
+    item = BatchItem(id="a", method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+    report = ItemReport(id="a", attempts=1, elapsed_s=0.1)
+    batch = BatchRun(reports=[report], concurrency=1, elapsed_s=0.1)
+    for value, field in ((item, "id"), (report, "attempts"), (batch, "concurrency")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, field, None)
+        assert not hasattr(value, "__dict__")
+    assert (item.target, batch.rate_limit_waits, batch.rate_limit_wait_s) == ("t", None, 0.0)

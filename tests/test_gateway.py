@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,23 +143,11 @@ def _lines_mentioning(gateway: RunningGateway, function: str, count: int) -> lis
     raise AssertionError(f"{function}: {gateway.output[-20:]}")
 
 
-def test_the_first_screen_names_routes_and_ports_without_warnings(tmp_path: Path) -> None:
+def test_the_first_screen_names_routes_and_ports_without_warnings() -> None:
     """What a newcomer sees after `make run`: no warnings, the routes, and where the API listens."""
-    api, upstream = _free_port(), _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fanout_local.gateway", "--port", str(api), "--upstream-port", str(upstream)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-    )
-    assert process.stdout is not None
-    try:
-        screen = []
-        for line in process.stdout:
-            screen.append(line)
-            if line.startswith("fanout API on "):
-                break
+    upstream = _free_port()
+    with running_gateway({}, raw_logs=False, upstream_port=upstream) as gateway:
+        screen = gateway.screen
         assert screen[0] == f"local upstream on http://127.0.0.1:{upstream} (GET /delay answers after 50 ms)\n"
         assert [line.split()[0] for line in screen[1:-1]] == [
             "SyncFunction",
@@ -168,12 +155,8 @@ def test_the_first_screen_names_routes_and_ports_without_warnings(tmp_path: Path
             "SemaphoreFunction",
             "BatchFunction",
         ]
-        assert screen[-1] == f"fanout API on http://127.0.0.1:{api}  (Ctrl-C stops)\n"
-        assert get(f"http://127.0.0.1:{api}/sync/1")[0] == 200  # against the bundled upstream
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=15)
-        process.stdout.close()
+        assert re.fullmatch(r"fanout API on http://127\.0\.0\.1:\d+  \(Ctrl-C stops\)\n", screen[-1])
+        assert get(f"{gateway.url}/sync/1")[0] == 200  # against the bundled upstream
 
 
 @pytest.mark.parametrize("which", ["--port", "--upstream-port"])

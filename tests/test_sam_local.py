@@ -47,6 +47,16 @@ def sam_python(sam: tuple[str, dict[str, str]]) -> tuple[str, dict[str, str]]:
     }
 
 
+def sam_cli(
+    sam_python: tuple[str, dict[str, str]], *args: str, cwd: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`sam ARGS` through the harness, its output captured."""
+    python, base = sam_python
+    return subprocess.run(
+        [python, str(HARNESS), *args], env={**base, **env}, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -195,30 +205,23 @@ def _children_of(pid: int) -> list[str]:
 def test_sam_local_invoke_answers_an_event_file(
     built: Path, sam_python: tuple[str, dict[str, str]], local_upstream: LocalUpstream, tmp_path: Path
 ) -> None:
-    python, env = sam_python
     target = {"url": local_upstream.url, "allow_http": True}
     upstreams = json.dumps({"catalog": target, "orders": target})
-    done = subprocess.run(
-        [
-            python,
-            str(HARNESS),
-            "local",
-            "invoke",
-            "BatchFunction",
-            "--template",
-            str(built / "template.yaml"),
-            "-e",
-            str(ROOT / "events" / "batch-http-api-v2.json"),
-            "--env-vars",
-            str(ROOT / "local" / "sam-env.json"),
-            "--parameter-overrides",
-            f"TargetUrl={local_upstream.url}/delay Upstreams='{upstreams}'",
-        ],
-        env={**env, "FANOUT_SAM_LOCAL_SCRATCH": str(tmp_path)},
+    done = sam_cli(
+        sam_python,
+        "local",
+        "invoke",
+        "BatchFunction",
+        "--template",
+        str(built / "template.yaml"),
+        "-e",
+        str(ROOT / "events" / "batch-http-api-v2.json"),
+        "--env-vars",
+        str(ROOT / "local" / "sam-env.json"),
+        "--parameter-overrides",
+        f"TargetUrl={local_upstream.url}/delay Upstreams='{upstreams}'",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        FANOUT_SAM_LOCAL_SCRATCH=str(tmp_path),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
@@ -278,15 +281,7 @@ def test_the_readme_names_exactly_the_commands_checked_here() -> None:
 
 @pytest.mark.parametrize("command", sorted(README_COMMANDS))
 def test_each_readme_command_means_what_it_says(command: str, sam_python: tuple[str, dict[str, str]]) -> None:
-    python, env = sam_python
-    done = subprocess.run(
-        [python, str(HARNESS), "--print-args", *shlex.split(command)[1:]],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = sam_cli(sam_python, "--print-args", *shlex.split(command)[1:], cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     parsed = json.loads(done.stdout.strip().splitlines()[-1])
     expected = README_COMMANDS[command]

@@ -188,19 +188,23 @@ def check_free(host: str, port: int, what: str) -> None:
 class RunningGateway:
     url: str
     process: subprocess.Popen[str]
-    output: list[str] = field(default_factory=list)  # what it printed after starting: the functions' logs
+    screen: list[str]  # what it printed up to serving: the upstream, the functions, the address
+    output: list[str] = field(default_factory=list)  # what it printed after: the functions' logs
 
 
 @contextmanager
-def running_gateway(parameters: Mapping[str, str], *, raw_logs: bool = True) -> Iterator[RunningGateway]:
-    """This gateway in a subprocess on a free port, without the bundled upstream: for tests and benchmarks.
+def running_gateway(
+    parameters: Mapping[str, str], *, raw_logs: bool = True, upstream_port: int | None = None
+) -> Iterator[RunningGateway]:
+    """This gateway in a subprocess on a free port, for tests and benchmarks; with the bundled upstream
+    only if `upstream_port` is given.
 
     `parameters` override template Parameters by name (e.g. TargetUrl), and may set other
     variables of the functions' environment (e.g. LOG_LEVEL).
     """
-    command = [sys.executable, "-m", "fanout_local.gateway", "--port", "0", "--no-upstream"]
+    upstream = ["--upstream-port", str(upstream_port)] if upstream_port else ["--no-upstream"]
     process = subprocess.Popen(
-        [*command, *(["--raw-logs"] if raw_logs else [])],
+        [sys.executable, "-m", "fanout_local.gateway", "--port", "0", *upstream, *(["--raw-logs"] if raw_logs else [])],
         env={**os.environ, **parameters},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -209,10 +213,14 @@ def running_gateway(parameters: Mapping[str, str], *, raw_logs: bool = True) -> 
     )
     assert process.stdout is not None
     try:
-        line = next((line for line in process.stdout if line.startswith("fanout API on ")), "")
-        if not line:
-            raise RuntimeError("the gateway exited before serving (see its error above)")
-        served = RunningGateway(url=line.split()[3], process=process)
+        screen = []
+        for line in process.stdout:
+            screen.append(line)
+            if line.startswith("fanout API on "):
+                break
+        else:
+            raise RuntimeError("the gateway exited before serving:\n" + "".join(screen))
+        served = RunningGateway(url=screen[-1].split()[3], process=process, screen=screen)
         # Keep reading, or a full pipe would stop the gateway (and its functions) mid-call.
         threading.Thread(target=lambda: served.output.extend(process.stdout or ()), daemon=True).start()
         yield served

@@ -54,8 +54,8 @@ class BatchItem:
     headers: dict[str, str]
     body: bytes | None
     scope: TargetScope  # where the request and its redirects may go
+    path: str  # as the caller gave it, for logs, metrics and spans (never the query)
     idempotency_key: str | None = None
-    path: str = "/"  # as the caller gave it, for logs, metrics and spans (never the query)
 
     @property
     def target(self) -> str:
@@ -73,7 +73,7 @@ class ItemReport:
     elapsed_s: float
     response: UpstreamResponse | None = None
     error: str | None = None
-    message: str = ""
+    message: str = ""  # equivalent: '' -> 'XX..XX' (read only for an error, which always sets one)
     internal: str | None = None  # what only the log line may show (RequestError.internal)
     skipped: str | None = None
     latencies_ms: tuple[float, ...] = ()  # one per attempt that ended
@@ -106,7 +106,7 @@ class BatchRun:
                 internal=report.internal,
                 skipped=report.skipped is not None,
             )
-            for item, report in zip(items, self.reports, strict=True)
+            for item, report in zip(items, self.reports, strict=True)  # equivalent: True -> False (same lengths)
         ]
 
 
@@ -116,9 +116,17 @@ class _Progress:
 
     attempts: list[int]
     latencies_ms: list[list[float]]
-    started: list[float]  # perf_counter when each item started (0: never)
+    started: list[float]  # perf_counter when each item started
     rate_limit_waits: int = 0
     rate_limit_wait_s: float = 0.0
+
+    @classmethod
+    def of(cls, n: int) -> _Progress:
+        return cls(
+            attempts=[0] * n,
+            latencies_ms=[[] for _ in range(n)],
+            started=[0.0] * n,  # equivalent: 0.0 -> 1.0 (read only once the item has started)
+        )
 
 
 def retry_after_s(response: UpstreamResponse) -> float | None:
@@ -143,7 +151,7 @@ class BatchRunner:
         *,
         max_attempts: int,
         max_item_bytes: int,
-        rate_per_s: float = 0,
+        rate_per_s: float,
     ) -> None:
         self.transport = transport
         self.max_attempts = max_attempts
@@ -155,16 +163,15 @@ class BatchRunner:
     async def run(
         self, items: list[BatchItem], *, strategy: Strategy, concurrency: int, budget_s: float, fail_fast: bool
     ) -> BatchRun:
-        progress = _Progress(attempts=[0] * len(items), latencies_ms=[[] for _ in items], started=[0.0] * len(items))
+        progress = _Progress.of(len(items))
         stop = asyncio.Event() if fail_fast else None
         deadline = time.monotonic() + budget_s
 
         async def send(index: int) -> ItemReport:
             progress.started[index] = started = time.perf_counter()
-            report = await self._send_with_retries(items[index], index, progress, deadline)
-            report = replace(report, elapsed_s=time.perf_counter() - started)
-            if report.error is not None and time.monotonic() >= deadline:  # see fanout.engine: cut, not failed
-                report = replace(report, error=DEADLINE_EXCEEDED, message=CUT_BY_DEADLINE, internal=None)
+            answer = await self._send_with_retries(items[index], index, progress, deadline)
+            cut = time.monotonic() >= deadline  # equivalent: GtE -> Gt (differs only at the very instant)
+            report = _answered(items[index], answer, progress.attempts[index], time.perf_counter() - started, cut=cut)
             if stop is not None and not report.ok:
                 stop.set()
             return report
@@ -173,12 +180,13 @@ class BatchRunner:
             send, n=len(items), strategy=strategy, concurrency=concurrency, deadline_s=budget_s, stop=stop
         )
         ended = time.perf_counter()
+        ended_as = zip(items, result.outcomes, strict=True)  # equivalent: True -> False (same lengths)
         reports = [
             replace(
                 _report(item, outcome, progress.attempts[index], ended - progress.started[index]),
                 latencies_ms=tuple(progress.latencies_ms[index]),
             )
-            for index, (item, outcome) in enumerate(zip(items, result.outcomes, strict=True))
+            for index, (item, outcome) in enumerate(ended_as)
         ]
         return BatchRun(
             reports=reports,
@@ -188,7 +196,9 @@ class BatchRunner:
             rate_limit_wait_s=progress.rate_limit_wait_s,
         )
 
-    async def _send_with_retries(self, item: BatchItem, index: int, progress: _Progress, deadline: float) -> ItemReport:
+    async def _send_with_retries(
+        self, item: BatchItem, index: int, progress: _Progress, deadline: float
+    ) -> UpstreamResponse | RequestError:
         headers = dict(item.headers)
         if item.idempotency_key is not None:
             headers["Idempotency-Key"] = item.idempotency_key
@@ -220,17 +230,10 @@ class BatchRunner:
             retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
         )
         try:
-            response = await retrying(attempt)
+            response: UpstreamResponse = await retrying(attempt)
         except RequestError as exc:
-            return ItemReport(
-                id=item.id,
-                attempts=attempts[index],
-                elapsed_s=0,
-                error=exc.kind,
-                message=exc.detail,
-                internal=exc.internal,
-            )
-        return ItemReport(id=item.id, attempts=attempts[index], elapsed_s=0, response=response)
+            return exc
+        return response
 
     async def _rate_limit(self, progress: _Progress) -> None:
         """Take a token of the container's rate limit, counting the attempts that had to wait."""
@@ -239,7 +242,7 @@ class BatchRunner:
         started = time.perf_counter()
         await self.limiter.acquire()
         waited = time.perf_counter() - started
-        if waited > RATE_LIMIT_WAIT_S:
+        if waited > RATE_LIMIT_WAIT_S:  # equivalent: Gt -> GtE (differs only at the very instant)
             progress.rate_limit_waits += 1
             progress.rate_limit_wait_s += waited
 
@@ -256,13 +259,33 @@ def _stop_past(deadline: float) -> Callable[[RetryCallState], bool]:
     """Stop when the next wait would end past the budget: the answer must go out in time."""
 
     def stop(state: RetryCallState) -> bool:
-        return time.monotonic() + (state.upcoming_sleep or 0.0) >= deadline
+        return time.monotonic() + (state.upcoming_sleep or 0.0) >= deadline  # equivalent: GtE -> Gt (the instant)
 
     return stop
 
 
 def _retryable_error(exc: BaseException) -> bool:
     return isinstance(exc, RequestError) and exc.kind in RETRY_ERRORS
+
+
+def _answered(
+    item: BatchItem, answer: UpstreamResponse | RequestError, attempts: int, elapsed_s: float, *, cut: bool
+) -> ItemReport:
+    """An item's report once its attempts ended; an error at the deadline is the deadline's (see fanout.engine)."""
+    if isinstance(answer, UpstreamResponse):
+        return ItemReport(id=item.id, attempts=attempts, elapsed_s=elapsed_s, response=answer)
+    if cut:
+        return ItemReport(
+            id=item.id, attempts=attempts, elapsed_s=elapsed_s, error=DEADLINE_EXCEEDED, message=CUT_BY_DEADLINE
+        )
+    return ItemReport(
+        id=item.id,
+        attempts=attempts,
+        elapsed_s=elapsed_s,
+        error=answer.kind,
+        message=answer.detail,
+        internal=answer.internal,
+    )
 
 
 def _report(item: BatchItem, outcome: Outcome[ItemReport], attempts: int, elapsed_s: float) -> ItemReport:

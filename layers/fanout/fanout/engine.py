@@ -92,11 +92,11 @@ async def fan_out(
         if stop is not None and stop.is_set():
             outcomes[index] = Outcome(skipped=SKIPPED_FAIL_FAST)
             return
-        if time.monotonic() >= ends:  # pragma: no mutate (> differs only at the very instant)
+        if time.monotonic() >= ends:  # equivalent: GtE -> Gt (differs only at the very instant)
             return  # skipped for the deadline, even where a request swallowed the timeout's cancellation
         started[index] = True
         outcome = await _attempt(send, index)
-        past_deadline = time.monotonic() >= ends  # pragma: no mutate (> differs only at the very instant)
+        past_deadline = time.monotonic() >= ends  # equivalent: GtE -> Gt (differs only at the very instant)
         if outcome.error is not None and past_deadline:
             outcome = Outcome(error=DEADLINE_EXCEEDED)  # cut by the deadline, whatever the client called it
         outcomes[index] = outcome
