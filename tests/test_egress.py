@@ -566,8 +566,12 @@ def loopback() -> Iterator[LoopbackListener]:
 
     servers = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
     yield listener
-    for server in servers:
-        server.close()
+
+    async def stop() -> None:  # on the loop's own thread: asyncio servers are not thread-safe
+        for server in servers:
+            server.close()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=10)
     loop.close()

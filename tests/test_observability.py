@@ -193,10 +193,10 @@ def test_rate_limit_waits_are_counted_and_timed(cold_start: Any, output: Any) ->
     assert post_batch(handler, {"requests": requests})[0] == 200
     out = output()
 
-    # A bucket of 2 per second: the first two start at once, the other two wait.
+    # A bucket of 2 per second: the first two start at once, the other two wait about 0.5 and 1 s.
     assert out.metric("RateLimitWaits", function="batch") == [2.0]
     (waited_ms,) = out.metric("RateLimitWaitTime", function="batch")
-    assert waited_ms >= 400
+    assert 1200 <= waited_ms <= 2200  # the waits as they were, not a count of them
     assert out.summary()["rate_limit_waits"] == 2
 
 
