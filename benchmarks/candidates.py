@@ -38,12 +38,12 @@ class HttpxTransport(LoopBound):
         self.http2 = http2
         self.library = library
 
-    async def get_status(self, url: str) -> int:
+    async def get_status(self, url: str) -> tuple[int, str | None]:
         try:
             response = await self._bound_client().get(url)
         except self.library.HTTPError as exc:
             raise RequestError(type(exc).__name__) from exc
-        return response.status_code
+        return response.status_code, response.headers.get("retry-after")
 
     def _open(self, key: Any) -> Any:
         lib = self.library
@@ -88,7 +88,7 @@ class Candidate:
 
     async def call(self, url: str, strategy: Strategy, n: int, concurrency: int) -> FanoutResult:
         async def send(_index: int) -> int:
-            return await self.transport.get_status(url)
+            return (await self.transport.get_status(url))[0]
 
         return await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=120)
 

@@ -26,7 +26,7 @@ def peak_rss():
 async def main(url, n):
     transport = make_transport("aiohttp", max_connections=100, timeout_s=10, allow_private=True)
     async def send(_i):
-        return await transport.get_status(url)
+        return (await transport.get_status(url))[0]
     await fan_out(send, n=100, strategy=Strategy.GATHER, concurrency=100, deadline_s=60)
     before = peak_rss()
     result = await fan_out(send, n=n, strategy=Strategy.GATHER, concurrency=100, deadline_s=60)

@@ -19,6 +19,7 @@ from yarl import URL
 from conftest import lambda_context, load_event, post_batch, run
 from fanout.batch import BatchItem, BatchRun, BatchRunner, ItemReport, _retryable_error, retry_after_s
 from fanout.engine import RequestError, Strategy
+from fanout.politeness import Politeness
 from fanout.settings import UpstreamTarget
 from fanout.targets import TargetScope
 from fanout.transports import UpstreamResponse
@@ -341,7 +342,9 @@ def test_an_answer_from_400_up_counts_as_failed(status: int, succeeded: int, han
 
 def backoff_waits(attempt: int, samples: int = 400) -> list[float]:
     """What the runner waits after a failed `attempt` (a connection error: no Retry-After), `samples` times."""
-    runner = BatchRunner(transport=None, max_attempts=10, max_item_bytes=1, rate_per_s=0)  # type: ignore[arg-type]
+    runner = BatchRunner(
+        transport=None, max_attempts=10, max_item_bytes=1, rate_per_s=0, politeness=Politeness(ceiling=10)
+    )  # type: ignore[arg-type]
     state = RetryCallState(retry_object=AsyncRetrying(), fn=None, args=(), kwargs={})
     state.attempt_number = attempt
     failed: Future = Future(attempt)
@@ -359,13 +362,15 @@ def test_backoff_is_full_jitter_in_a_window_that_doubles_to_five_seconds(attempt
     assert min(waits) < 0.05 * window
 
 
-def test_retry_after_wins_over_the_backoff() -> None:
-    runner = BatchRunner(transport=None, max_attempts=10, max_item_bytes=1, rate_per_s=0)  # type: ignore[arg-type]
+def test_after_a_retry_after_the_targets_pause_is_the_wait() -> None:
+    runner = BatchRunner(
+        transport=None, max_attempts=10, max_item_bytes=1, rate_per_s=0, politeness=Politeness(ceiling=10)
+    )  # type: ignore[arg-type]
     state = RetryCallState(retry_object=AsyncRetrying(), fn=None, args=(), kwargs={})
     answered: Future = Future(1)
     answered.set_result(UpstreamResponse(status=429, headers={"retry-after": "7"}, body=b"", truncated=False))
     state.outcome = answered
-    assert runner._wait(state) == 7.0
+    assert runner._wait(state) == 0.0  # the target's limiter keeps the 7 s pause for every request to it
 
 
 def test_each_item_reports_how_long_it_took(handler: Any) -> None:
@@ -428,7 +433,9 @@ class SwallowingTransport:
 
 
 def test_an_error_at_the_deadline_is_reported_as_the_deadlines() -> None:
-    runner = BatchRunner(SwallowingTransport(), max_attempts=3, max_item_bytes=10, rate_per_s=0)  # type: ignore[arg-type]
+    runner = BatchRunner(
+        SwallowingTransport(), max_attempts=3, max_item_bytes=10, rate_per_s=0, politeness=Politeness(ceiling=10)
+    )  # type: ignore[arg-type]
     scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
     items = [
         BatchItem(id=str(i), method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")

@@ -32,6 +32,7 @@ import pytest
 from moto import mock_aws
 
 from conftest import ROOT
+from fanout.observability import DEFAULT_SERVICE
 from fanout_local.template import load_template
 
 TEMPLATE = ROOT / "template.yaml"
@@ -286,16 +287,34 @@ def test_alarms_cover_every_function_and_the_api(resources: dict[str, Any]) -> N
         by_metric = {
             props["MetricName"]: props
             for props in alarms.values()
-            if props["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": f"{name}Function"}}]
+            if props.get("Dimensions") == [{"Name": "FunctionName", "Value": {"Ref": f"{name}Function"}}]
         }
         assert set(by_metric) == {"Errors", "Throttles", "Duration"}
         assert by_metric["Duration"]["Threshold"] == 0.9 * timeout_ms
         assert by_metric["Duration"]["Statistic"] == "Maximum"
-    (api,) = [props for props in alarms.values() if props["Namespace"] == "AWS/ApiGateway"]
+    (api,) = [props for props in alarms.values() if props.get("Namespace") == "AWS/ApiGateway"]
     assert (api["MetricName"], api["Dimensions"]) == ("5xx", [{"Name": "ApiId", "Value": {"Ref": "FanoutApi"}}])
-    assert len(alarms) == 4 * 3 + 1
+    assert len(alarms) == 4 * 3 + 1 + 1  # and TargetThrottledAlarm, below
     assert all(props["AlarmActions"] == [{"Ref": "AlarmTopic"}] for props in alarms.values())
     assert "AlarmTopic" in of_type(resources, "AWS::SNS::Topic")
+
+
+def test_the_throttled_target_alarm_reads_what_the_functions_emit(resources: dict[str, Any], env: str) -> None:
+    """MaxTargetThrottledShare, as observability emits it (dimensions function and service), for
+    every function; the worst of them over 50 % for three 5-minute periods."""
+    throttled = of_type(resources, "AWS::CloudWatch::Alarm")["TargetThrottledAlarm"]
+    queries = {query["Id"]: query for query in throttled["Metrics"]}
+    functions = {"sync", "gather", "semaphore", "batch"}
+    assert set(queries) == functions | {"worst"}
+    for function in functions:
+        metric = queries[function]["MetricStat"]["Metric"]
+        assert metric["MetricName"] == "MaxTargetThrottledShare"
+        assert metric["Namespace"] == samconfig_parameters(env)["MetricsNamespace"]
+        dimensions = {d["Name"]: d["Value"] for d in metric["Dimensions"]}
+        assert dimensions == {"function": function, "service": DEFAULT_SERVICE}
+        assert queries[function]["ReturnData"] is False
+    assert queries["worst"]["Expression"] == "MAX([sync, gather, semaphore, batch])"
+    assert (throttled["Threshold"], throttled["EvaluationPeriods"], throttled["DatapointsToAlarm"]) == (50, 3, 3)
 
 
 def test_alarms_notify_a_given_topic_instead_of_creating_one(translations: dict[str, dict[str, Any]]) -> None:
@@ -463,10 +482,14 @@ def test_moto_alarms_watch_the_created_functions_and_notify_the_topic(stack_in_m
     (topic,) = [t["TopicArn"] for t in boto3.client("sns").list_topics()["Topics"]]
     assert topic == stack_in_moto["AlarmTopic"]
     alarms = boto3.client("cloudwatch").describe_alarms()["MetricAlarms"]
-    assert len(alarms) == 13
+    assert len(alarms) == 14
     watched = {
-        (alarm["MetricName"], alarm["Dimensions"][0]["Value"]) for alarm in alarms if alarm["Namespace"] == "AWS/Lambda"
+        (alarm["MetricName"], alarm["Dimensions"][0]["Value"])
+        for alarm in alarms
+        if alarm.get("Namespace") == "AWS/Lambda"
     }
+    (throttled,) = [alarm for alarm in alarms if alarm["AlarmName"].endswith("TargetThrottledAlarm")]
+    assert [query["Id"] for query in throttled["Metrics"]] == ["sync", "gather", "semaphore", "batch", "worst"]
     assert watched == {
         (metric, stack_in_moto[f"{name}Function"])
         for metric in ("Errors", "Throttles", "Duration")

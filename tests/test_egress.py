@@ -602,7 +602,7 @@ def get_status(url: str, *, allow_private: bool) -> int:
     async def call() -> int:
         transport = make_transport("aiohttp", max_connections=2, timeout_s=2, allow_private=allow_private)
         try:
-            return await transport.get_status(url)
+            return (await transport.get_status(url))[0]
         finally:
             await transport.aclose()
 

@@ -114,7 +114,7 @@ async def _fan_out_over_http(
     paths = paths or {}
 
     async def send(index: int) -> int:
-        return await client.get_status(url + paths.get(index, path))
+        return (await client.get_status(url + paths.get(index, path)))[0]
 
     try:
         return await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=deadline_s)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import event_files, lambda_context, load_event
+from fanout.politeness import CIRCUIT_THRESHOLD
 from fanout_local.upstream import LocalUpstream
 
 BODY_KEYS = {
@@ -158,11 +159,17 @@ def test_k_above_the_limit_is_clamped(handler: Any, upstream: LocalUpstream) -> 
 
 
 def test_failing_upstream_is_reported_not_a_500(upstream: LocalUpstream, import_handler: Any) -> None:
+    """503 to everything: the first answers are reported, then the target's circuit opens (fanout.politeness)."""
     module = import_handler(FANOUT_TARGET_URL=f"{upstream.url}/status/503", FANOUT_MAX_CONCURRENCY="3")
     status, body = invoke(module.handler, load_event("async-http-api-v2.json"))
     assert status == 200
-    assert body["status_codes"] == [503] * 20
-    assert (body["succeeded"], body["failed"], body["errors"]) == (0, 20, [])
+    answered = [code for code in body["status_codes"] if code is not None]
+    assert set(answered) == {503} and CIRCUIT_THRESHOLD <= len(answered) <= CIRCUIT_THRESHOLD + 3
+    assert body["errors"] == [
+        {"index": index, "error": "CircuitOpen"} for index, code in enumerate(body["status_codes"]) if code is None
+    ]
+    assert (body["succeeded"], body["failed"]) == (0, 20)
+    assert upstream.stats.requests == len(answered)
 
 
 def test_unreachable_upstream_lists_every_error(import_handler: Any) -> None:
@@ -170,7 +177,11 @@ def test_unreachable_upstream_lists_every_error(import_handler: Any) -> None:
     status, body = invoke(module.handler, load_event("sync-rest-v1.json"))
     assert status == 200
     assert body["status_codes"] == [None] * 10
-    assert body["errors"] == [{"index": i, "error": "ConnectError"} for i in range(10)]
+    assert body["errors"] == [{"index": i, "error": "ConnectError"} for i in range(10)]  # fewer than the threshold
+    status, body = invoke(module.handler, load_event("sync-rest-v1.json"))
+    assert body["errors"] == [{"index": 0, "error": "CircuitOpen"}] + [
+        {"index": i, "error": "CircuitOpen"} for i in range(1, 10)
+    ]  # the 10th failure in a row opened it: the next call sends nothing
 
 
 def test_deadline_answers_in_time_with_every_request_accounted(upstream: LocalUpstream, import_handler: Any) -> None:

@@ -187,6 +187,53 @@ def test_retries_and_each_error_type_are_counted(cold_start: Any, output: Any) -
     assert len(out.metric("UpstreamLatency", function="batch", target="catalog")) == 6
 
 
+def test_politeness_shows_per_target_in_the_summary_and_metrics(cold_start: Any, output: Any) -> None:
+    """One target asks for a pause (a 429 with Retry-After: 1, then 200s), the other answers 503 to
+    everything until its circuit opens: the summary and the EMF metrics say so per target, and the
+    alarm's metric is the worse target's share of 429s and 503s."""
+    handler = cold_start()
+    requests = [
+        *(
+            {"id": f"p{i}", "target": "catalog", "path": "/retry-after", "query": {"key": "obs-pause"}}
+            for i in range(4)
+        ),
+        *({"id": f"d{i}", "target": "orders", "path": "/status/503"} for i in range(12)),
+    ]
+    status, _ = post_batch(handler, {"requests": requests, "concurrency": 4})
+    out = output()
+    assert status == 200
+
+    targets = out.summary()["targets"]
+    assert targets["catalog"] == {
+        "throttled": 1,
+        "pauses": 1,
+        "circuit_opened": 0,
+        "limit": targets["catalog"]["limit"],
+        "rate_per_s": targets["catalog"]["rate_per_s"],
+        "circuit": "closed",
+    }
+    assert targets["catalog"]["rate_per_s"] is not None  # paced since it throttled
+    orders = targets["orders"]
+    assert (orders["circuit_opened"], orders["circuit"], orders["pauses"]) == (1, "open", 0)
+    assert orders["throttled"] == out.metric("UpstreamRequests", function="batch", target="orders")[0]  # all 503s
+    assert out.metric("Throttled", function="batch", target="catalog") == [1.0]
+    assert out.metric("TargetPauses", function="batch", target="catalog") == [1.0]
+    assert out.metric("CircuitOpen", function="batch", target="orders") == [1.0]
+    assert out.metric("CircuitOpen", function="batch", target="catalog") == [0.0]
+    assert out.metric("ConcurrencyLimit", function="batch", target="catalog") == [float(targets["catalog"]["limit"])]
+    assert out.metric("MaxTargetThrottledShare", function="batch") == [100.0]  # orders: every request a 503
+
+
+def test_a_healthy_call_publishes_a_throttled_share_of_zero(cold_start: Any, output: Any) -> None:
+    handler = cold_start()
+    response = handler(seed_event("async-http-api-v2.json", 5, "/async/5"), lambda_context())
+    out = output()
+    assert response["statusCode"] == 200
+    assert out.metric("MaxTargetThrottledShare", function="gather") == [0.0]
+    assert out.metric("Throttled", function="gather", target="default") == [0.0]
+    assert out.summary()["targets"]["default"]["circuit"] == "closed"
+
+
 def test_rate_limit_waits_are_counted_and_timed(cold_start: Any, output: Any) -> None:
     handler = cold_start(FANOUT_RATE_PER_S="2")
     requests = [{"id": str(index), "target": "catalog", "path": "/delay", "query": {"ms": 1}} for index in range(4)]

@@ -17,6 +17,8 @@ Faults, for the /batch tests (`key` keeps a counter per test):
 - `/redirect?to=URL&status=302`; `/echo`: method, path, headers and body as JSON;
 - `/attempts?key=K`: how many calls a key has had;
 - `/loop`: a redirect to itself;
+- `/limited` (a token bucket) and `/knee` (latency that grows past a number in flight):
+  targets with a capacity the client is not told, see fanout_local.capacity;
 - `/mode`: answers as the path (and query) in the server's `mode` attribute, which tests
   set to point a seed function's fixed target at one fault after another;
 - hostile answers (stalled bodies, slow headers, huge bodies, gzip bombs, JSON Python
@@ -46,6 +48,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fanout_local import hostile
+from fanout_local.capacity import Capacity
 
 
 @dataclass
@@ -74,6 +77,7 @@ class LocalUpstream:
         self.calls: dict[str, int] = {}  # per `key` of the fault endpoints
         self.mode = "/delay"  # what GET /mode answers as: tests point a function's one target at /mode
         self.arrivals: deque[float] = deque(maxlen=100_000)  # monotonic time each request arrived
+        self.capacity = Capacity()  # /limited and /knee: what a target can take (fanout_local.capacity)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -184,6 +188,12 @@ class LocalUpstream:
             writer.write(_response(200, {"call": calls}, keep_alive))
         elif path == "/attempts":
             writer.write(_response(200, {"calls": self.calls.get(key, 0)}, keep_alive))
+        elif path == "/limited":
+            status, headers = self.capacity.limited(key, query)
+            writer.write(_response(status, {"status": status}, keep_alive, headers))
+        elif path == "/knee":
+            took_ms = await self.capacity.knee(key, query)
+            writer.write(_response(200, {"took_ms": round(took_ms, 1)}, keep_alive))
         elif path == "/loop":
             writer.write(_response(302, {}, keep_alive, ("location: /loop",)))
         elif path == "/echo" or path.startswith("/echo/"):

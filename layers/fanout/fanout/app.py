@@ -8,6 +8,8 @@ the input is shown as a bounded repr, never re-encoded as JSON.
 
 import math
 import reprlib
+import time
+from functools import partial
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -20,6 +22,7 @@ from fanout.batch_api import add_batch_route, batch_schemas
 from fanout.budget import call_budget_s
 from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Outcome, Strategy, fan_out
 from fanout.observability import CallReport, Telemetry, UpstreamRecord, call_span, traced_attempt
+from fanout.politeness import Politeness, retry_after_seconds
 from fanout.settings import Settings, load_settings
 from fanout.transports import AiohttpTransport, make_transport
 
@@ -47,11 +50,19 @@ def create_app(
         max_per_host=settings.max_per_host,
         allow_private=settings.allow_private_networks,
     )
+    politeness = Politeness(
+        ceiling=settings.max_concurrency,
+        max_in_flight={name: t.max_in_flight for name, t in settings.upstreams.items() if t.max_in_flight},
+        rate_per_s={name: t.rate_per_s for name, t in settings.upstreams.items() if t.rate_per_s},
+        circuit_failures=settings.circuit_failures,
+        circuit_cool_down_s=settings.circuit_cool_down_s,
+    )
     runner = BatchRunner(
         transport,
         max_attempts=settings.max_attempts,
         max_item_bytes=settings.max_item_bytes,
         rate_per_s=settings.rate_per_s,
+        politeness=politeness,
     )
     target = str(settings.target_url)
     target_path = urlsplit(target).path or "/"
@@ -59,21 +70,31 @@ def create_app(
     app.state.settings = settings
     app.state.transport = transport
     app.state.telemetry = telemetry
+    app.state.politeness = politeness
     app.add_exception_handler(RequestValidationError, _explain_validation_error)
 
     async def run(function: str, strategy: Strategy, n: int, concurrency: int, request: Request) -> dict[str, Any]:
         budget = call_budget_s(None, settings.deadline_s, request.scope.get("aws.context"))
         latencies: list[list[float]] = [[] for _ in range(n)]
 
+        seed = politeness.limiter(SEED_TARGET)
+        since = politeness.counters()
+        deadline = time.monotonic() + budget
+        get_status = partial(transport.get_status, target)  # built once: it runs for every request
+
         async def send(index: int) -> int:
-            return await traced_attempt(
-                lambda: transport.get_status(target),
-                target=SEED_TARGET,
-                method="GET",
-                path=target_path,
-                status_of=lambda status: status,
-                latencies_ms=latencies[index],
-            )
+            async with seed.attempt(deadline) as sent:
+                sent.sending()
+                status, retry_after = await traced_attempt(
+                    get_status,
+                    target=SEED_TARGET,
+                    method="GET",
+                    path=target_path,
+                    status_of=_status_of,
+                    latencies_ms=latencies[index],
+                )
+                sent.answered(status, None if retry_after is None else retry_after_seconds(retry_after))
+            return status
 
         with call_span(function, strategy.value, n):
             result = await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=budget)
@@ -88,6 +109,7 @@ def create_app(
                 elapsed_s=result.elapsed_s,
                 deadline_s=budget,
                 requests=records,
+                targets=politeness.report([SEED_TARGET], since),
             )
         )
         return _body(result)
@@ -168,6 +190,10 @@ def _body(result: FanoutResult[int]) -> dict[str, Any]:
 
 MAX_ERRORS_SHOWN = 20
 _shown = reprlib.Repr(maxlevel=2, maxstring=60, maxother=60, maxlist=4, maxdict=4)
+
+
+def _status_of(answer: tuple[int, str | None]) -> int:
+    return answer[0]
 
 
 async def _explain_validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -4,22 +4,31 @@ No FastAPI here: items come in as `BatchItem`s (the web layer has already turned
 target names into URLs and checked headers), and each ends as one `ItemReport`:
 a response, an error, or skipped with the reason. Nothing is dropped.
 
+Every attempt first passes its target's limiter (fanout.politeness: the target's pace,
+its pauses, its circuit), and only then takes one of the call's `concurrency` slots:
+a request waiting for a slow or paused target never holds a slot another target's
+request could use.
+
 Retries (tenacity; it fits the async, budget-aware shape: the wait is computed
 before the stop check, so a wait that would overrun the budget stops instead):
 - only idempotent methods, or requests carrying an idempotency key;
 - on connection-level errors and on 429, 502, 503, 504;
 - exponential backoff with full jitter ("Exponential Backoff And Jitter", AWS
-  Architecture Blog), or the upstream's Retry-After when it fits the budget;
-- the last answer is what is reported, with the number of attempts.
+  Architecture Blog); after a Retry-After the target's pause is the wait;
+- `max_attempts` counts attempts that failed, not those a target answered "later"
+  (a 429 or 503 with a Retry-After of a second or more, which pauses the target):
+  waiting for a paused target costs no attempt. Such an answer says the request was
+  not taken, so even a POST is sent again after the pause;
+- the last answer is what is reported, with the number of requests sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass, field, replace
 
 from aiolimiter import AsyncLimiter
 from tenacity import (
@@ -27,19 +36,28 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     retry_if_result,
-    stop_after_attempt,
+    stop_any,
     wait_random_exponential,
 )
 from yarl import URL
 
-from fanout.engine import DEADLINE_EXCEEDED, Outcome, RequestError, Strategy, fan_out
+from fanout.engine import (
+    DEADLINE_EXCEEDED,
+    SKIPPED_DEADLINE,
+    SKIPPED_FAIL_FAST,
+    Outcome,
+    RequestError,
+    Strategy,
+    fan_out,
+)
 from fanout.observability import UpstreamRecord, traced_attempt
+from fanout.politeness import UNANSWERED, Politeness, TargetLimiter, TargetReport, retry_after_seconds
 from fanout.targets import TargetScope
 from fanout.transports import AiohttpTransport, UpstreamResponse
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-RETRY_ERRORS = frozenset({"ConnectError", "ConnectTimeout", "ReadTimeout", "ReadError", "RemoteProtocolError"})
+RETRY_ERRORS = UNANSWERED  # errors retried: the target did not answer
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
 CUT_BY_DEADLINE = "the call's deadline passed while this request was in flight"
@@ -90,6 +108,7 @@ class BatchRun:
     elapsed_s: float
     rate_limit_waits: int | None = None  # None: no rate limit
     rate_limit_wait_s: float = 0.0
+    targets: dict[str, TargetReport] = field(default_factory=dict)  # what politeness did to each target
 
     def records(self, items: list[BatchItem]) -> list[UpstreamRecord]:
         """Each item's report as the operator sees it (fanout.observability)."""
@@ -117,6 +136,7 @@ class _Progress:
     attempts: list[int]
     latencies_ms: list[list[float]]
     started: list[float]  # perf_counter when each item started
+    spent: list[int]  # attempts that count against max_attempts (a throttle with Retry-After does not)
     rate_limit_waits: int = 0
     rate_limit_wait_s: float = 0.0
 
@@ -126,24 +146,21 @@ class _Progress:
             attempts=[0] * n,
             latencies_ms=[[] for _ in range(n)],
             started=[0.0] * n,  # equivalent: 0.0 -> 1.0 (read only once the item has started)
+            spent=[0] * n,
         )
+
+
+class _Skipped(Exception):
+    """An attempt that must not be sent: fail-fast stopped the call while it waited for its target."""
 
 
 def retry_after_s(response: UpstreamResponse) -> float | None:
     """Retry-After in seconds, from delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+    return retry_after_seconds(response.headers.get("retry-after"))
 
 
 class BatchRunner:
-    """One per container: the shared transport, the rate limit, the retry policy."""
+    """One per container: the shared transport, the targets' limiters, the rate limit, the retry policy."""
 
     def __init__(
         self,
@@ -152,10 +169,12 @@ class BatchRunner:
         max_attempts: int,
         max_item_bytes: int,
         rate_per_s: float,
+        politeness: Politeness,
     ) -> None:
         self.transport = transport
         self.max_attempts = max_attempts
         self.max_item_bytes = max_item_bytes
+        self.politeness = politeness
         # A leaky bucket over all calls of this container, one token per attempt.
         self.limiter = AsyncLimiter(rate_per_s, 1.0) if rate_per_s else None
         self._jitter = wait_random_exponential(multiplier=BACKOFF_BASE_S, max=BACKOFF_CAP_S)
@@ -164,12 +183,21 @@ class BatchRunner:
         self, items: list[BatchItem], *, strategy: Strategy, concurrency: int, budget_s: float, fail_fast: bool
     ) -> BatchRun:
         progress = _Progress.of(len(items))
+        since = self.politeness.counters()
         stop = asyncio.Event() if fail_fast else None
         deadline = time.monotonic() + budget_s
+        sequential = strategy is Strategy.SYNC
+        # the call's slots on the wire; waiting for a target happens before taking one
+        wire = contextlib.nullcontext() if sequential else asyncio.Semaphore(concurrency)
 
         async def send(index: int) -> ItemReport:
             progress.started[index] = started = time.perf_counter()
-            answer = await self._send_with_retries(items[index], index, progress, deadline)
+            try:
+                answer = await self._send_with_retries(items[index], index, progress, deadline, wire, stop)
+            except _Skipped:
+                return ItemReport(
+                    id=items[index].id, attempts=progress.attempts[index], elapsed_s=0.0, skipped=SKIPPED_FAIL_FAST
+                )
             cut = time.monotonic() >= deadline  # equivalent: GtE -> Gt (differs only at the very instant)
             report = _answered(items[index], answer, progress.attempts[index], time.perf_counter() - started, cut=cut)
             if stop is not None and not report.ok:
@@ -177,7 +205,12 @@ class BatchRunner:
             return report
 
         result = await fan_out(
-            send, n=len(items), strategy=strategy, concurrency=concurrency, deadline_s=budget_s, stop=stop
+            send,
+            n=len(items),
+            strategy=Strategy.SYNC if sequential else Strategy.GATHER,  # `wire` bounds what is in flight
+            concurrency=1 if sequential else len(items),
+            deadline_s=budget_s,
+            stop=stop,
         )
         ended = time.perf_counter()
         ended_as = zip(items, result.outcomes, strict=True)  # equivalent: True -> False (same lengths)
@@ -190,41 +223,64 @@ class BatchRunner:
         ]
         return BatchRun(
             reports=reports,
-            concurrency=result.concurrency,
+            concurrency=1 if sequential else min(len(items), concurrency),
             elapsed_s=result.elapsed_s,
             rate_limit_waits=progress.rate_limit_waits if self.limiter is not None else None,
             rate_limit_wait_s=progress.rate_limit_wait_s,
+            targets=self.politeness.report((item.target for item in items), since),
         )
 
     async def _send_with_retries(
-        self, item: BatchItem, index: int, progress: _Progress, deadline: float
+        self,
+        item: BatchItem,
+        index: int,
+        progress: _Progress,
+        deadline: float,
+        wire: asyncio.Semaphore | contextlib.nullcontext[None],
+        stop: asyncio.Event | None,
     ) -> UpstreamResponse | RequestError:
         headers = dict(item.headers)
         if item.idempotency_key is not None:
             headers["Idempotency-Key"] = item.idempotency_key
-        attempts = progress.attempts
+        target = self.politeness.limiter(item.target)
 
         async def attempt() -> UpstreamResponse:
-            attempts[index] += 1
-            await self._rate_limit(progress)
-            return await traced_attempt(
-                lambda: self.transport.send(
-                    item.method,
-                    item.url,
-                    headers=headers,
-                    body=item.body,
-                    max_body_bytes=self.max_item_bytes,
-                    scope=item.scope,
-                ),
-                target=item.target,
-                method=item.method,
-                path=item.path,
-                status_of=lambda response: response.status,
-                latencies_ms=progress.latencies_ms[index],
-            )
+            try:
+                async with target.attempt(deadline) as sent, wire:
+                    if stop is not None and stop.is_set():
+                        raise _Skipped
+                    progress.attempts[index] += 1
+                    await self._rate_limit(progress)
+                    sent.sending()
+                    response = await traced_attempt(
+                        lambda: self.transport.send(
+                            item.method,
+                            item.url,
+                            headers=headers,
+                            body=item.body,
+                            max_body_bytes=self.max_item_bytes,
+                            scope=item.scope,
+                        ),
+                        target=item.target,
+                        method=item.method,
+                        path=item.path,
+                        status_of=lambda response: response.status,
+                        latencies_ms=progress.latencies_ms[index],
+                    )
+                    retry_after = retry_after_s(response)
+                    sent.answered(response.status, retry_after)
+            except RequestError:
+                progress.spent[index] += 1
+                raise
+            if not (response.status in (429, 503) and retry_after):
+                progress.spent[index] += 1  # a target saying "in a while" (a pause) costs the item no attempt
+            return response
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts if item.retryable else 1) | _stop_past(deadline),
+            stop=stop_any(
+                _stop_when_spent(progress.spent, index, self.max_attempts if item.retryable else 1),
+                _stop_past(deadline, target),
+            ),
             wait=self._wait,
             retry=retry_if_exception(_retryable_error) | retry_if_result(lambda r: r.status in RETRY_STATUSES),
             retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
@@ -247,19 +303,30 @@ class BatchRunner:
             progress.rate_limit_wait_s += waited
 
     def _wait(self, state: RetryCallState) -> float:
+        """Backoff with full jitter; none after a Retry-After, whose pause the target's limiter keeps."""
         outcome = state.outcome
-        if outcome is not None and not outcome.failed:
-            hinted = retry_after_s(outcome.result())
-            if hinted is not None:
-                return hinted
+        if outcome is not None and not outcome.failed and retry_after_s(outcome.result()) is not None:
+            return 0.0
         return float(self._jitter(state))
 
 
-def _stop_past(deadline: float) -> Callable[[RetryCallState], bool]:
-    """Stop when the next wait would end past the budget: the answer must go out in time."""
+def _stop_when_spent(spent: list[int], index: int, allowed: int) -> Callable[[RetryCallState], bool]:
+    """Stop once the item has spent its attempts (throttles with Retry-After are not spent)."""
+
+    def stop(_state: RetryCallState) -> bool:
+        return spent[index] >= allowed
+
+    return stop
+
+
+def _stop_past(deadline: float, target: TargetLimiter) -> Callable[[RetryCallState], bool]:
+    """Stop when the next attempt could not start before the budget ends: after the backoff, or after
+    the target's pause. The answer must go out in time."""
 
     def stop(state: RetryCallState) -> bool:
-        return time.monotonic() + (state.upcoming_sleep or 0.0) >= deadline  # equivalent: GtE -> Gt (the instant)
+        now = time.monotonic()
+        ready = max(now + (state.upcoming_sleep or 0.0), target.state.paused_until)
+        return ready >= deadline  # equivalent: GtE -> Gt (the instant)
 
     return stop
 
@@ -291,11 +358,13 @@ def _answered(
 def _report(item: BatchItem, outcome: Outcome[ItemReport], attempts: int, elapsed_s: float) -> ItemReport:
     """The engine's outcome as a report; cut-off and skipped items keep the attempts they made.
 
-    `elapsed_s` is the time since the item started, for an item the deadline cut off.
+    `elapsed_s` is the time since the item started, for an item the deadline cut off. One that
+    the deadline caught before it sent anything (waiting for its target or a slot) was skipped.
     """
     if outcome.value is not None:
         return outcome.value
-    if outcome.skipped is not None:
-        return ItemReport(id=item.id, attempts=attempts, elapsed_s=0.0, skipped=outcome.skipped)
-    message = CUT_BY_DEADLINE if attempts else outcome.detail
+    never_sent = outcome.error == DEADLINE_EXCEEDED and attempts == 0
+    if outcome.skipped is not None or never_sent:
+        return ItemReport(id=item.id, attempts=attempts, elapsed_s=0.0, skipped=outcome.skipped or SKIPPED_DEADLINE)
+    message = CUT_BY_DEADLINE if outcome.error == DEADLINE_EXCEEDED else outcome.detail
     return ItemReport(id=item.id, attempts=attempts, elapsed_s=elapsed_s, error=outcome.error, message=message)

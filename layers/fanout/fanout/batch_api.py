@@ -217,6 +217,7 @@ def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telem
                 requests=result.records(items),
                 rate_limit_waits=result.rate_limit_waits,
                 rate_limit_wait_s=result.rate_limit_wait_s,
+                targets=result.targets,
             )
         )
         return _answer(call, result, settings.max_response_bytes)

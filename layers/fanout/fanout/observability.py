@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from aws_lambda_powertools import Logger
@@ -33,6 +33,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from fanout.engine import RequestError
+from fanout.politeness import TargetReport
 
 SERVICE_ENV = "POWERTOOLS_SERVICE_NAME"
 NAMESPACE_ENV = "POWERTOOLS_METRICS_NAMESPACE"
@@ -82,6 +83,16 @@ class CallReport:
     requests: list[UpstreamRecord]
     rate_limit_waits: int | None = None  # None: no rate limit configured
     rate_limit_wait_s: float = 0.0
+    targets: Mapping[str, TargetReport] = field(default_factory=dict)  # what politeness did to each target
+
+    def throttled_shares(self) -> dict[str, float]:
+        """Per target, the percentage of this call's requests to it answered 429 or 503."""
+        sent = Counter[str]()
+        for record in self.requests:
+            sent[record.target] += record.attempts
+        return {
+            name: 100 * report.throttled / sent[name] if sent[name] else 0.0 for name, report in self.targets.items()
+        }
 
     def summary(self) -> dict[str, Any]:
         failed = sum(record.error_type is not None for record in self.requests)
@@ -102,6 +113,8 @@ class CallReport:
         if self.rate_limit_waits is not None:
             summary["rate_limit_waits"] = self.rate_limit_waits
             summary["rate_limit_wait_ms"] = round(self.rate_limit_wait_s * 1000, 1)
+        if self.targets:
+            summary["targets"] = {name: asdict(report) for name, report in self.targets.items()}
         return summary
 
 
@@ -152,6 +165,9 @@ class Telemetry:
         if call.rate_limit_waits is not None:
             calls.add_metric("RateLimitWaits", MetricUnit.Count, call.rate_limit_waits)
             calls.add_metric("RateLimitWaitTime", MetricUnit.Milliseconds, summary["rate_limit_wait_ms"])
+        shares = call.throttled_shares()
+        if shares:  # the alarm's metric: one per function, whichever targets a call reached
+            calls.add_metric("MaxTargetThrottledShare", MetricUnit.Percent, round(max(shares.values()), 1))
         _flush(calls)
 
         by_target: dict[str, list[UpstreamRecord]] = defaultdict(list)
@@ -161,6 +177,12 @@ class Telemetry:
             sent = self._metrics(function=call.function, target=target)
             sent.add_metric("UpstreamRequests", MetricUnit.Count, sum(r.attempts for r in records))
             sent.add_metric("Retries", MetricUnit.Count, sum(max(r.attempts - 1, 0) for r in records))
+            polite = call.targets.get(target)
+            if polite is not None:
+                sent.add_metric("Throttled", MetricUnit.Count, polite.throttled)
+                sent.add_metric("TargetPauses", MetricUnit.Count, polite.pauses)
+                sent.add_metric("ConcurrencyLimit", MetricUnit.Count, polite.limit)
+                sent.add_metric("CircuitOpen", MetricUnit.Count, 0 if polite.circuit == "closed" else 1)
             _flush(sent)
             # In lines of a few values: Powertools' add_metric formats the metric's whole value
             # list into a debug message each time, so one line of 100 values costs 5x more.

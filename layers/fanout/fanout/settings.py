@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field, HttpUrl, IPvAnyNetwork, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from fanout.politeness import CIRCUIT_COOL_DOWN_S, CIRCUIT_THRESHOLD
 from fanout.transports import TransportName
 
 ENV_PREFIX = "FANOUT_"
@@ -51,6 +52,8 @@ class UpstreamTarget(BaseModel):
     redirect_hosts: tuple[str, ...] = Field(default=(), description="Hosts besides the target's a redirect may reach.")
     forward_authorization: bool = False
     private: bool = Field(default=False, description="The target's own host may resolve to private addresses.")
+    max_in_flight: int | None = Field(default=None, ge=1, le=1000, description="Requests in flight at most.")
+    rate_per_s: float | None = Field(default=None, gt=0, le=100_000, description="Requests started per second.")
     allow_cidrs: tuple[IPvAnyNetwork, ...] = Field(default=(), description="With private: only these networks.")
 
     @model_validator(mode="before")
@@ -96,6 +99,12 @@ class Settings(BaseSettings):
     max_per_host: int = Field(default=0, ge=0, le=1000, description="Requests in flight to one host; 0: no cap.")
     rate_per_s: float = Field(default=0, ge=0, description="Requests started per second per container; 0: no cap.")
     max_attempts: int = Field(default=3, ge=1, le=10)
+    circuit_failures: int = Field(
+        default=CIRCUIT_THRESHOLD, ge=1, le=100_000, description="Failures in a row that open a target's circuit."
+    )
+    circuit_cool_down_s: float = Field(
+        default=CIRCUIT_COOL_DOWN_S, gt=0, le=600, description="How long an open circuit refuses requests."
+    )
     max_item_bytes: int = Field(default=256 * 1024, ge=1, le=6_000_000, description="Each /batch body is cut here.")
     max_response_bytes: int = Field(
         default=4_000_000, ge=65_536, le=6_000_000, description="The answer as Lambda posts it; its limit is 6 MB."

@@ -58,9 +58,9 @@ DECODING_ERROR = "DecodingError"
 
 
 class Transport(Protocol):
-    """What the seed routes need from a client: GET a URL, return the status."""
+    """What the seed routes need from a client: GET a URL, return the status (and any Retry-After)."""
 
-    async def get_status(self, url: str) -> int: ...
+    async def get_status(self, url: str) -> tuple[int, str | None]: ...
 
     async def aclose(self) -> None: ...
 
@@ -130,13 +130,13 @@ class AiohttpTransport(LoopBound):
         self._slots: asyncio.Semaphore | None = None
         self._host_slots: dict[tuple[str | None, int | None], asyncio.Semaphore] = {}
 
-    async def get_status(self, url: str) -> int:
-        """GET `url` and return the status (the seed routes' fast path: the body is not kept)."""
+    async def get_status(self, url: str) -> tuple[int, str | None]:
+        """GET `url`: the status and Retry-After (the seed routes' fast path: the body is not kept)."""
         session: aiohttp.ClientSession = self._bound_client(None)
         try:
             async with self._slot(None), session.get(url, allow_redirects=False) as response:
                 await _discard(response)
-                return response.status
+                return response.status, response.headers.get("Retry-After")
         except Exception as exc:
             raise _request_error(exc) from exc
 
