@@ -254,6 +254,9 @@ def main() -> None:
         from service import through_service  # imports the handler: after the bare engine cells
 
         service_rows = through_service(server, ns=[10, 1000])
+        from politeness import healthy_cost, politeness_table
+
+        polite = {"table": politeness_table(server.url, quick=args.quick), "healthy": healthy_cost(server.url)}
     with tls_upstream() as server:
         rows += tls_cold_and_warm(loop, server, [100, 1000])
     loop.close()
@@ -261,7 +264,7 @@ def main() -> None:
     from memory import memory_per_request
     from report import write_report
 
-    write_report(rows, service_rows, guard, memory_per_request(), cold_start(), _machine(), RESULTS)
+    write_report(rows, service_rows, guard, memory_per_request(), cold_start(), _machine(), RESULTS, polite)
 
 
 def _machine() -> dict[str, Any]:
