@@ -13,10 +13,11 @@ mechanisms, each after a published design:
    queue there, and the limit steps down to `limit * baseline / latency` plus a few (as
    Gradient2 does), at most halving; under the baseline it grows by its square root. So
    it settles near the knee where latency starts to grow. A throttle (429, 503)
-   multiplies it by `THROTTLE_LIMIT_FACTOR`.
-2. Start rate (`rate`): none until the target first throttles (a healthy target is never
-   slowed); then the AWS SDKs' adaptive retry mode: a client-side token bucket whose
-   rate backs off on throttling and grows back along a CUBIC curve (RFC 8312). The
+   multiplies it by `THROTTLE_LIMIT_FACTOR`; a bare 503 does that and no more.
+2. Start rate (`rate`): none until the target first throttles (a 429, or a 503 with
+   Retry-After; a healthy target is never slowed); then the AWS SDKs' adaptive retry
+   mode: a client-side token bucket whose rate backs off on throttling and grows back
+   along a CUBIC curve (RFC 8312). The
    rate after a throttle comes from what the target served: the most successes over any
    window of the episode, less those a full bucket gives for free (counted in the first
    episode), per second: a lower bound of the target's rate that is tight for a token
@@ -93,16 +94,21 @@ class Answer(enum.Enum):
     """What an attempt tells the limiter."""
 
     SERVED = "served"  # an answer that is not a throttle or a server failure (4xx included)
-    THROTTLED = "throttled"  # 429, or 503: slow down
+    THROTTLED = "throttled"  # 429, or 503 with Retry-After: a rate limit, slow down
+    OVERLOADED = "overloaded"  # 503 without Retry-After: fewer in flight, and it counts as a failure
     FAILED = "failed"  # a connection error, a timeout, another 5xx: the target may be down
 
 
-def classify(status: int | None) -> Answer:
-    """A status (None: no answer, a connection error or a timeout) as the limiter reads it."""
+def classify(status: int | None, retry_after_s: float | None = None) -> Answer:
+    """A status (None: no answer, a connection error or a timeout) as the limiter reads it. A bare 503
+    says the server is struggling, not that it keeps a rate: it is not paced for it (one request to a
+    failing path would otherwise slow the whole target to a crawl), but sent fewer at once."""
     if status is None:
         return Answer.FAILED
-    if status in (429, 503):
+    if status == 429 or (status == 503 and retry_after_s is not None):
         return Answer.THROTTLED
+    if status == 503:
+        return Answer.OVERLOADED
     return Answer.FAILED if status >= 500 else Answer.SERVED
 
 
@@ -335,14 +341,17 @@ class TargetLimiter:
         state.in_flight -= 1
         if probe:
             state.probing = False
-        answer = classify(status)
+        answer = classify(status, retry_after_s)
         if answer is Answer.SERVED:
             self._served(now, latency_s)
         elif answer is Answer.THROTTLED:
             state.throttled_answers += 1
             self._throttled(now, retry_after_s)
-        # a server failing: no answer, a 5xx, or a 503 with no word of when to come back
-        if answer is Answer.FAILED or (status == 503 and retry_after_s is None):
+        elif answer is Answer.OVERLOADED:
+            state.throttled_answers += 1
+            state.slow_start = False
+            state.limit = max(1.0, state.limit * THROTTLE_LIMIT_FACTOR)
+        if answer in (Answer.FAILED, Answer.OVERLOADED):  # a server failing, or with no word of when to return
             self._failed(now, probe)
         else:
             state.failures_in_a_row = 0
