@@ -20,7 +20,7 @@ SAM_ENV := SAM_CLI_TELEMETRY=0 AWS_EC2_METADATA_DISABLED=true PATH="$(CURDIR)/$(
 
 .PHONY: run upstream dev test lint build bench bench-quick mutate clean
 
-$(VENV)/.installed: pyproject.toml layers/fanout/requirements.txt
+$(VENV)/.installed: pyproject.toml layers/fanout/requirements.txt local/requirements-cli.txt
 	@test -n "$(PYTHON)" || { echo "error: no python3 >= 3.11 found on PATH" >&2; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'

@@ -39,13 +39,20 @@ TEMPLATE = ROOT / "template.yaml"
 SAMCONFIG = ROOT / "samconfig.toml"
 ENVIRONMENTS = ("dev", "prod")
 REGION = "us-east-1"
-FUNCTIONS = ("Sync", "Gather", "Semaphore", "Batch")
+FUNCTIONS = ("Sync", "Gather", "Semaphore", "Batch")  # the API functions with their own limits
+ALL_FUNCTIONS = (*FUNCTIONS, "Jobs", "Worker")
+ROLES = {"Sync": "Api", "Gather": "Api", "Semaphore": "Api", "Batch": "Api", "Jobs": "Jobs", "Worker": "Worker"}
 ROUTES = {
     "GET /sync/{n}": "Sync",
     "GET /async/{n}": "Gather",
     "GET /async_sem/{n}/{k}": "Semaphore",
     "POST /batch": "Batch",
     "$default": "Batch",  # the rest: the app's JSON 404 and 405
+    "POST /jobs": "Jobs",
+    "POST /jobs/uploads": "Jobs",
+    "GET /jobs/{job_id}": "Jobs",
+    "GET /jobs/{job_id}/results": "Jobs",
+    "DELETE /jobs/{job_id}": "Jobs",
 }
 BASIC_EXECUTION = "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"  # its own log streams
 XRAY_WRITE = "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess"  # only with tracing on
@@ -74,6 +81,7 @@ TRANSLATE = textwrap.dedent(
         template = yaml_parse(source)
         template["Globals"]["Function"]["CodeUri"] = "s3://artifacts/function.zip"  # uploaded by sam deploy
         template["Resources"]["FanoutLayer"]["Properties"]["ContentUri"] = "s3://artifacts/layer.zip"
+        template["Resources"]["WorkerFunction"]["Properties"]["CodeUri"] = "s3://artifacts/worker.zip"
         translator = Translator(None, Parser(), boto_session=boto3.Session(region_name=region))
         # The managed policies are given as full ARNs: there is no name to look up (and no AWS to ask).
         translated[name] = translator.translate(template, params, get_managed_policy_map=lambda: {})
@@ -200,22 +208,82 @@ def test_each_function_gets_its_environments_limits_layer_and_observability(
 ) -> None:
     params = samconfig_parameters(env)
     functions = of_type(resources, "AWS::Lambda::Function")
-    assert set(functions) == {f"{name}Function" for name in FUNCTIONS}
+    assert set(functions) == {f"{name}Function" for name in ALL_FUNCTIONS}
     (layer,) = of_type(resources, "AWS::Lambda::LayerVersion")
     for name in FUNCTIONS:
         function = functions[f"{name}Function"]
-        variables = function["Environment"]["Variables"]
-        assert variables["FANOUT_MAX_CONCURRENCY"] == params[f"{name}MaxConcurrency"]
+        assert function["Environment"]["Variables"]["FANOUT_MAX_CONCURRENCY"] == params[f"{name}MaxConcurrency"]
         reserved = int(params[f"{name}ReservedConcurrency"])
         assert function.get("ReservedConcurrentExecutions") == (str(reserved) if reserved else None)
+    for name in ALL_FUNCTIONS:
+        function = functions[f"{name}Function"]
+        variables = function["Environment"]["Variables"]
+        assert function["Role"] == {"Fn::GetAtt": [f"{ROLES[name]}FunctionRole", "Arn"]}
         assert function["Layers"] == [{"Ref": layer}]  # no OtelLayerArn in samconfig: only ours
         assert "AWS_LAMBDA_EXEC_WRAPPER" not in variables
         assert variables["FANOUT_ALLOW_PRIVATE_NETWORKS"] == "false"  # declared for sam local --env-vars only
         assert variables["LOG_LEVEL"] == params["LogLevel"]
         assert variables["POWERTOOLS_METRICS_NAMESPACE"] == params["MetricsNamespace"]
         assert function["TracingConfig"] == {"Mode": "Active" if params["TracingEnabled"] == "true" else "PassThrough"}
-        assert function["Runtime"] == "python3.13" and function["Timeout"] == 30
-    assert functions["BatchFunction"]["Environment"]["Variables"]["FANOUT_UPSTREAMS"] == params["Upstreams"]
+        timeout = params["WorkerTimeoutSeconds"] if name == "Worker" else 30
+        assert function["Runtime"] == "python3.13" and str(function["Timeout"]) == str(timeout)
+    for name in ("Batch", "Jobs", "Worker"):
+        assert functions[f"{name}Function"]["Environment"]["Variables"]["FANOUT_UPSTREAMS"] == params["Upstreams"]
+    where = {
+        "FANOUT_JOBS_TABLE": {"Ref": "JobsTable"},
+        "FANOUT_INPUT_BUCKET": {"Ref": "InputBucket"},
+        "FANOUT_RESULTS_BUCKET": {"Ref": "ResultsBucket"},
+        "FANOUT_CHUNK_QUEUE_URL": {"Ref": "ChunkQueue"},
+    }
+    jobs, worker = (functions[f"{name}Function"]["Environment"]["Variables"] for name in ("Jobs", "Worker"))
+    assert jobs.items() >= where.items() and worker.items() >= where.items()
+    assert worker["FANOUT_MAX_CONCURRENCY"] == params["WorkerMaxConcurrency"]
+    assert worker["FANOUT_WORKERS"] == params["WorkerMaximumConcurrency"]
+    assert worker["FANOUT_DEAD_LETTER_QUEUE_ARN"] == {"Fn::GetAtt": ["ChunkDeadLetterQueue", "Arn"]}
+    assert worker["FANOUT_CHUNK_VISIBILITY_TIMEOUT_S"] == params["ChunkVisibilityTimeoutSeconds"]
+
+
+def test_the_worker_reads_the_chunk_queue_with_partial_failures_and_its_dead_letters(
+    resources: dict[str, Any], env: str
+) -> None:
+    params = samconfig_parameters(env)
+    mappings = {
+        props["EventSourceArn"]["Fn::GetAtt"][0]: props
+        for props in of_type(resources, "AWS::Lambda::EventSourceMapping").values()
+    }
+    assert set(mappings) == {"ChunkQueue", "ChunkDeadLetterQueue"}
+    chunks = mappings["ChunkQueue"]
+    assert chunks["FunctionName"] == {"Ref": "WorkerFunction"}
+    assert chunks["ScalingConfig"] == {"MaximumConcurrency": params["WorkerMaximumConcurrency"]}
+    assert str(chunks["BatchSize"]) == params["WorkerBatchSize"]
+    assert chunks["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    queue = of_type(resources, "AWS::SQS::Queue")["ChunkQueue"]
+    assert queue["VisibilityTimeout"] == params["ChunkVisibilityTimeoutSeconds"]
+    assert queue["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": ["ChunkDeadLetterQueue", "Arn"]},
+        "maxReceiveCount": params["ChunkMaxReceives"],
+    }
+
+
+def test_the_job_stores_are_private_encrypted_and_expire(resources: dict[str, Any], env: str) -> None:
+    params = samconfig_parameters(env)
+    buckets = of_type(resources, "AWS::S3::Bucket")
+    assert set(buckets) == {"InputBucket", "ResultsBucket"}
+    for bucket in buckets.values():
+        assert set(bucket["PublicAccessBlockConfiguration"].values()) == {True}
+        (rule,) = bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+        assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+        (expiry, *_) = bucket["LifecycleConfiguration"]["Rules"]
+        assert expiry["ExpirationInDays"] == params["JobRetentionDays"]
+    policies = of_type(resources, "AWS::S3::BucketPolicy")
+    assert {policy["Bucket"]["Ref"] for policy in policies.values()} == set(buckets)
+    for policy in policies.values():
+        (statement,) = policy["PolicyDocument"]["Statement"]
+        assert statement["Effect"] == "Deny" and statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    (table,) = of_type(resources, "AWS::DynamoDB::Table").values()
+    assert table["BillingMode"] == "PAY_PER_REQUEST"
+    assert table["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
+    assert table["SSESpecification"] == {"SSEEnabled": True}
 
 
 def test_reserved_concurrency_is_set_in_prod_and_left_to_the_account_in_dev(
@@ -224,6 +292,7 @@ def test_reserved_concurrency_is_set_in_prod_and_left_to_the_account_in_dev(
     reserved = {
         name: props.get("ReservedConcurrentExecutions")
         for name, props in of_type(resources, "AWS::Lambda::Function").items()
+        if name.removesuffix("Function") in FUNCTIONS  # the worker's bound is its mapping's MaximumConcurrency
     }
     if env == "prod":
         assert all(value is not None and int(value) > 0 for value in reserved.values()), reserved
@@ -273,28 +342,34 @@ def test_every_log_group_expires(resources: dict[str, Any], env: str) -> None:
     params = samconfig_parameters(env)
     groups = of_type(resources, "AWS::Logs::LogGroup")
     assert {name: props["RetentionInDays"] for name, props in groups.items()} == {
-        **{f"{name}FunctionLogGroup": params["LogRetentionDays"] for name in FUNCTIONS},
+        **{f"{name}FunctionLogGroup": params["LogRetentionDays"] for name in ALL_FUNCTIONS},
         "ApiAccessLogGroup": params["AccessLogRetentionDays"],
     }
-    for name in FUNCTIONS:  # the group the function writes to, not a look-alike
+    for name in ALL_FUNCTIONS:  # the group the function writes to, not a look-alike
         assert groups[f"{name}FunctionLogGroup"]["LogGroupName"] == {"Fn::Sub": f"/aws/lambda/${{{name}Function}}"}
 
 
 def test_alarms_cover_every_function_and_the_api(resources: dict[str, Any]) -> None:
     alarms = of_type(resources, "AWS::CloudWatch::Alarm")
     timeout_ms = 30 * 1000
-    for name in FUNCTIONS:
+    for name in ALL_FUNCTIONS:
         by_metric = {
             props["MetricName"]: props
             for props in alarms.values()
             if props.get("Dimensions") == [{"Name": "FunctionName", "Value": {"Ref": f"{name}Function"}}]
         }
+        if name == "Worker":  # its throttles are its mapping's ceiling at work, its duration up to its timeout
+            assert set(by_metric) == {"Errors"}
+            continue
         assert set(by_metric) == {"Errors", "Throttles", "Duration"}
         assert by_metric["Duration"]["Threshold"] == 0.9 * timeout_ms
         assert by_metric["Duration"]["Statistic"] == "Maximum"
     (api,) = [props for props in alarms.values() if props.get("Namespace") == "AWS/ApiGateway"]
     assert (api["MetricName"], api["Dimensions"]) == ("5xx", [{"Name": "ApiId", "Value": {"Ref": "FanoutApi"}}])
-    assert len(alarms) == 4 * 3 + 1 + 1  # and TargetThrottledAlarm, below
+    (dead,) = [props for props in alarms.values() if props.get("Namespace") == "AWS/SQS"]
+    assert dead["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["ChunkDeadLetterQueue", "QueueName"]}}]
+    assert (dead["MetricName"], dead["Threshold"]) == ("ApproximateNumberOfMessagesVisible", 1)
+    assert len(alarms) == 5 * 3 + 1 + 1 + 1 + 1  # and TargetThrottledAlarm, below
     assert all(props["AlarmActions"] == [{"Ref": "AlarmTopic"}] for props in alarms.values())
     assert "AlarmTopic" in of_type(resources, "AWS::SNS::Topic")
 
@@ -324,12 +399,10 @@ def test_alarms_notify_a_given_topic_instead_of_creating_one(translations: dict[
     assert {tuple(props["AlarmActions"]) for props in alarms} == {(TOPIC,)}
 
 
-def managed_policies(resources: dict[str, Any]) -> set[str]:
-    """The managed policies of the one role the API functions share, ${AWS::Partition} filled in."""
-    (role,) = of_type(resources, "AWS::IAM::Role").values()
-    functions = of_type(resources, "AWS::Lambda::Function").values()
-    assert {json.dumps(props["Role"]) for props in functions} == {'{"Fn::GetAtt": ["ApiFunctionRole", "Arn"]}'}
-    return {arn["Fn::Sub"].replace("${AWS::Partition}", "aws") for arn in role["ManagedPolicyArns"]}
+def managed_policies(resources: dict[str, Any], role: str = "ApiFunctionRole") -> set[str]:
+    """The managed policies of a function role, ${AWS::Partition} filled in."""
+    props = of_type(resources, "AWS::IAM::Role")[role]
+    return {arn["Fn::Sub"].replace("${AWS::Partition}", "aws") for arn in props["ManagedPolicyArns"]}
 
 
 @pytest.mark.parametrize(
@@ -345,7 +418,8 @@ def test_each_policy_comes_only_with_what_needs_it(
     translations: dict[str, dict[str, Any]], variant: str, policies: set[str]
 ) -> None:
     resources = shape(translations, variant)
-    assert managed_policies(resources) == policies
+    for role in ("ApiFunctionRole", "JobsFunctionRole", "WorkerFunctionRole"):
+        assert managed_policies(resources, role) == policies, role
     for function in of_type(resources, "AWS::Lambda::Function").values():
         if VPC_ACCESS in policies:
             assert function["VpcConfig"] == {"SubnetIds": ["subnet-1", "subnet-2"], "SecurityGroupIds": ["sg-1"]}
@@ -356,20 +430,66 @@ def test_each_policy_comes_only_with_what_needs_it(
 
 def test_roles_are_least_privilege(resources: dict[str, Any]) -> None:
     roles = of_type(resources, "AWS::IAM::Role")
-    assert set(roles) == {"ApiFunctionRole"}
-    for role in roles.values():
-        assert managed_policies(resources) <= ALLOWED_MANAGED_POLICIES
+    assert set(roles) == {"ApiFunctionRole", "JobsFunctionRole", "WorkerFunctionRole"}
+    for name, role in roles.items():
+        assert managed_policies(resources, name) <= ALLOWED_MANAGED_POLICIES
         statements = [s for policy in role.get("Policies", []) for s in policy["PolicyDocument"]["Statement"]]
         actions = [a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
         assert not [a for a in actions if a == "*" or a.endswith(":*")]
+        assert all(statement["Resource"] != "*" for statement in statements)  # each names what it reaches
         (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
         assert trust["Principal"] == {"Service": ["lambda.amazonaws.com"]}
+    assert "Policies" not in roles["ApiFunctionRole"]  # the API functions call nothing of AWS
+
+
+def granted(resources: dict[str, Any], role: str) -> dict[str, set[str]]:
+    """Action -> the resources (as JSON) a role's inline policies grant it on."""
+    found: dict[str, set[str]] = {}
+    for policy in of_type(resources, "AWS::IAM::Role")[role]["Policies"]:
+        for statement in policy["PolicyDocument"]["Statement"]:
+            assert statement["Effect"] == "Allow"
+            targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+            for action in statement["Action"]:
+                found.setdefault(action, set()).update(json.dumps(target, sort_keys=True) for target in targets)
+    return found
+
+
+def test_the_jobs_roles_reach_only_their_own_table_buckets_and_queues(resources: dict[str, Any]) -> None:
+    table = json.dumps({"Fn::GetAtt": ["JobsTable", "Arn"]})
+    queue = json.dumps({"Fn::GetAtt": ["ChunkQueue", "Arn"]})
+    dead = json.dumps({"Fn::GetAtt": ["ChunkDeadLetterQueue", "Arn"]})
+    inputs = {json.dumps({"Fn::Sub": f"${{InputBucket.Arn}}/{prefix}/*"}) for prefix in ("uploads", "jobs")}
+    results = {json.dumps({"Fn::Sub": "${ResultsBucket.Arn}/results/*"})}
+    jobs, worker = granted(resources, "JobsFunctionRole"), granted(resources, "WorkerFunctionRole")
+    assert jobs == {
+        "dynamodb:GetItem": {table},
+        "dynamodb:PutItem": {table},
+        "dynamodb:UpdateItem": {table},
+        "dynamodb:Query": {table},
+        "s3:GetObject": inputs | results,
+        "s3:PutObject": inputs,
+        "sqs:SendMessage": {queue},
+    }
+    assert worker == {
+        "dynamodb:GetItem": {table},
+        "dynamodb:UpdateItem": {table},
+        "dynamodb:Query": {table},
+        "dynamodb:BatchGetItem": {table},
+        "dynamodb:ConditionCheckItem": {table},
+        "s3:GetObject": inputs,
+        "s3:PutObject": results,
+        "sqs:SendMessage": {queue},
+        "sqs:ReceiveMessage": {queue, dead},
+        "sqs:DeleteMessage": {queue, dead},
+        "sqs:GetQueueAttributes": {queue, dead},
+        "sqs:ChangeMessageVisibility": {queue, dead},
+    }
 
 
 # --- the same stack in moto, read back through boto3 ------------------------------------------
 
 
-MOTO_CLOUDFORMATION_LACKS = ("AWS::ApiGatewayV2::", "AWS::CloudWatch::Alarm")
+MOTO_CLOUDFORMATION_LACKS = ("AWS::ApiGatewayV2::", "AWS::CloudWatch::Alarm", "AWS::S3::BucketPolicy")
 API_ID = "fanoutapi"  # stands for the API moto cannot create
 
 
@@ -404,6 +524,7 @@ def stack_in_moto(translated: dict[str, Any], env: str) -> Iterator[dict[str, st
         s3.create_bucket(Bucket="artifacts")  # what `sam deploy` uploads first
         s3.put_object(Bucket="artifacts", Key="function.zip", Body=_zip({"app.py": "handler = None\n"}))
         s3.put_object(Bucket="artifacts", Key="layer.zip", Body=_zip({"python/fanout/__init__.py": ""}))
+        s3.put_object(Bucket="artifacts", Key="worker.zip", Body=_zip({"app.py": "handler = None\n"}))
         template = for_moto_cloudformation(translated)
         cloudformation = boto3.client("cloudformation")
         cloudformation.create_stack(
@@ -430,23 +551,32 @@ def stack_in_moto(translated: dict[str, Any], env: str) -> Iterator[dict[str, st
         cloudwatch = boto3.client("cloudwatch")
         refs = {**physical, "FanoutApi": API_ID}
         for name, props in of_type(resources, "AWS::CloudWatch::Alarm").items():
-            filled = json.loads(
-                json.dumps(props), object_hook=lambda node: refs[node["Ref"]] if node.keys() == {"Ref"} else node
-            )
+            filled = json.loads(json.dumps(props), object_hook=lambda node: _filled(node, refs))
             cloudwatch.put_metric_alarm(AlarmName=f"fanout-{env}-{name}", **filled)
         yield physical
+
+
+def _filled(node: dict[str, Any], refs: dict[str, str]) -> Any:
+    """A Ref or a queue's QueueName as CloudFormation fills it in (a queue's physical id is its URL)."""
+    if node.keys() == {"Ref"}:
+        return refs[node["Ref"]]
+    if node.keys() == {"Fn::GetAtt"} and node["Fn::GetAtt"][1] == "QueueName":
+        return refs[node["Fn::GetAtt"][0]].rsplit("/", 1)[-1]
+    return node
 
 
 def test_moto_creates_the_functions_with_their_concurrency(stack_in_moto: dict[str, str], env: str) -> None:
     params = samconfig_parameters(env)
     client = boto3.client("lambda")
-    for name in FUNCTIONS:
+    for name in ALL_FUNCTIONS:
         function_name = stack_in_moto[f"{name}Function"]
         config = client.get_function_configuration(FunctionName=function_name)
+        assert config["Runtime"] == "python3.13" and config["Handler"] == "app.handler"
+        assert config["Role"].endswith(stack_in_moto[f"{ROLES[name]}FunctionRole"])
+        if name not in FUNCTIONS:
+            continue
         variables = config["Environment"]["Variables"]
         assert str(variables["FANOUT_MAX_CONCURRENCY"]) == params[f"{name}MaxConcurrency"]  # moto keeps the int
-        assert config["Runtime"] == "python3.13" and config["Handler"] == "app.handler"
-        assert config["Role"].endswith(stack_in_moto["ApiFunctionRole"])
         reserved = client.get_function_concurrency(FunctionName=function_name).get("ReservedConcurrentExecutions")
         assert reserved == (int(params[f"{name}ReservedConcurrency"]) or None)
     (layer,) = client.list_layers()["Layers"]
@@ -460,7 +590,7 @@ def test_moto_creates_log_groups_with_retention_and_least_privilege_roles(
     groups = {
         g["logGroupName"]: g.get("retentionInDays") for g in boto3.client("logs").describe_log_groups()["logGroups"]
     }
-    for name in FUNCTIONS:
+    for name in ALL_FUNCTIONS:
         assert groups[f"/aws/lambda/{stack_in_moto[f'{name}Function']}"] == int(params["LogRetentionDays"])
     assert groups[f"/aws/vendedlogs/fanout-{env}/api-access"] == int(params["AccessLogRetentionDays"])
     iam = boto3.client("iam")
@@ -482,7 +612,7 @@ def test_moto_alarms_watch_the_created_functions_and_notify_the_topic(stack_in_m
     (topic,) = [t["TopicArn"] for t in boto3.client("sns").list_topics()["Topics"]]
     assert topic == stack_in_moto["AlarmTopic"]
     alarms = boto3.client("cloudwatch").describe_alarms()["MetricAlarms"]
-    assert len(alarms) == 14
+    assert len(alarms) == 19
     watched = {
         (alarm["MetricName"], alarm["Dimensions"][0]["Value"])
         for alarm in alarms
@@ -493,8 +623,8 @@ def test_moto_alarms_watch_the_created_functions_and_notify_the_topic(stack_in_m
     assert watched == {
         (metric, stack_in_moto[f"{name}Function"])
         for metric in ("Errors", "Throttles", "Duration")
-        for name in FUNCTIONS
-    }
+        for name in (*FUNCTIONS, "Jobs")
+    } | {("Errors", stack_in_moto["WorkerFunction"])}
     assert all(alarm["AlarmActions"] == [topic] for alarm in alarms)
 
 

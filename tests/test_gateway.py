@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT
 from fanout_local.gateway import RunningGateway, running_gateway
-from fanout_local.template import Route, load_template, local_functions
+from fanout_local.template import Route, load_template, local_functions, placeholders
 from fanout_local.upstream import LocalUpstream
 
 
@@ -39,20 +39,27 @@ def test_route_matching(route: Route, method: str, path: str, params: dict[str, 
 
 def test_each_function_gets_its_own_environment_and_overrides_apply() -> None:
     template = load_template(ROOT / "template.yaml")
-    functions = {
-        f.name: f for f in local_functions(template, ROOT, {"TargetUrl": "http://up", "GatherMaxConcurrency": "7"})
-    }
+    overrides = {"TargetUrl": "http://up", "GatherMaxConcurrency": "7", "WorkerTimeoutSeconds": "60"}
+    functions = {f.name: f for f in local_functions(template, ROOT, overrides, placeholders(template))}
     assert functions["GatherFunction"].environment["FANOUT_MAX_CONCURRENCY"] == "7"
     assert functions["SemaphoreFunction"].environment["FANOUT_MAX_CONCURRENCY"] == "100"
     assert functions["SyncFunction"].environment["FANOUT_TARGET_URL"] == "http://up"
     assert functions["SyncFunction"].environment["FANOUT_DEADLINE_S"] == "25"
     assert functions["SyncFunction"].code_dir == ROOT / "functions/api/"
+    worker = functions["WorkerFunction"]  # its own code, its timeout and its queues resolved like the rest
+    assert (worker.code_dir, worker.timeout_s) == (ROOT / "functions/worker/", 60.0)
+    assert worker.environment["FANOUT_JOBS_TABLE"] == "JobsTable"
+    assert worker.environment["FANOUT_DEAD_LETTER_QUEUE_ARN"] == "arn:aws:local:::ChunkDeadLetterQueue"
+    assert [(q.queue, q.batch_size, q.maximum_concurrency, q.report_failures) for q in worker.queues] == [
+        ("ChunkQueue", 2, 5, True),
+        ("ChunkDeadLetterQueue", 1, 2, True),
+    ]
 
 
 def test_missing_required_parameter_says_how_to_set_it() -> None:
     template = load_template(ROOT / "template.yaml")
     with pytest.raises(KeyError, match="TargetUrl has no default; set it in the environment as TargetUrl="):
-        local_functions(template, ROOT, {})
+        local_functions(template, ROOT, {}, placeholders(template))
 
 
 def gateway_parameters(upstream: LocalUpstream, **more: str) -> dict[str, str]:
@@ -154,7 +161,12 @@ def test_the_first_screen_names_routes_and_ports_without_warnings() -> None:
             "GatherFunction",
             "SemaphoreFunction",
             "BatchFunction",
+            "JobsFunction",
+            "WorkerFunction",
+            "WorkerFunction",
+            "local",  # AWS (moto) on http://127.0.0.1:PORT: the jobs' S3, SQS and DynamoDB
         ]
+        assert gateway.aws_url is not None and gateway.aws_url.startswith("http://127.0.0.1:")
         assert re.fullmatch(r"fanout API on http://127\.0\.0\.1:\d+  \(Ctrl-C stops\)\n", screen[-1])
         assert get(f"{gateway.url}/sync/1")[0] == 200  # against the bundled upstream
 

@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from conftest import EVENTS, ROOT, runtime_python
 from fanout.app import create_app
 from fanout.settings import Settings
-from fanout_local.template import load_template, local_functions
+from fanout_local.template import load_template, local_functions, placeholders
 from fanout_local.upstream import LocalUpstream
 
 TEMPLATE = ROOT / "template.yaml"
@@ -26,25 +26,38 @@ def template() -> dict[str, Any]:
     return load_template(TEMPLATE)
 
 
-def test_template_routes_are_exactly_the_app_routes(template: dict[str, Any]) -> None:
-    functions = local_functions(template, ROOT, {"TargetUrl": "https://example.com"})
+JOB_ROUTES = {
+    ("POST", "/jobs"),
+    ("POST", "/jobs/uploads"),
+    ("GET", "/jobs/{job_id}"),
+    ("GET", "/jobs/{job_id}/results"),
+    ("DELETE", "/jobs/{job_id}"),
+}
+
+
+def test_template_routes_are_exactly_the_app_routes(template: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    functions = local_functions(template, ROOT, {"TargetUrl": "https://example.com"}, placeholders(template))
     declared = {
         (route.method, route.path) for function in functions for route in function.routes if not route.is_default
     }
     (default,) = [function.name for function in functions for route in function.routes if route.is_default]
     assert default == "BatchFunction"  # its app answers 404 and 405 for the rest
-    app = create_app(Settings())
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # the jobs routes' clients (no call is made)
+    jobs = {"jobs_table": "t", "input_bucket": "i", "results_bucket": "r", "chunk_queue_url": "q"}
+    app = create_app(Settings(**jobs))
     served = {(method, route.path) for route in app.routes if isinstance(route, APIRoute) for method in route.methods}
     assert (
         declared
         == served
-        == {("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}"), ("POST", "/batch")}
+        == {("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}"), ("POST", "/batch"), *JOB_ROUTES}
     )
+    (jobs_function,) = [function for function in functions if function.name == "JobsFunction"]
+    assert {(route.method, route.path) for route in jobs_function.routes} == JOB_ROUTES
 
 
-def test_each_function_has_its_own_concurrency_parameter(template: dict[str, Any]) -> None:
+def test_each_function_that_sends_requests_has_its_own_concurrency_parameter(template: dict[str, Any]) -> None:
     refs = {
-        name: resource["Properties"]["Environment"]["Variables"]["FANOUT_MAX_CONCURRENCY"]["Ref"]
+        name: resource["Properties"]["Environment"]["Variables"].get("FANOUT_MAX_CONCURRENCY", {}).get("Ref")
         for name, resource in template["Resources"].items()
         if resource["Type"] == "AWS::Serverless::Function"
     }
@@ -53,8 +66,37 @@ def test_each_function_has_its_own_concurrency_parameter(template: dict[str, Any
         "SyncFunction": "SyncMaxConcurrency",
         "GatherFunction": "GatherMaxConcurrency",
         "SemaphoreFunction": "SemaphoreMaxConcurrency",
+        "WorkerFunction": "WorkerMaxConcurrency",
+        "JobsFunction": None,  # it records jobs and queues them: no upstream request
     }
-    assert all(ref in template["Parameters"] for ref in refs.values())
+    assert all(ref in template["Parameters"] for ref in refs.values() if ref)
+
+
+def test_the_chunk_queue_outlasts_the_worker_and_feeds_it_partial_failures(template: dict[str, Any]) -> None:
+    """AWS's advice (visibility at least 6 times the function's timeout) holds for the defaults and for
+    every samconfig environment, and the worker also refuses to start when it does not."""
+    import tomllib
+
+    params = template["Parameters"]
+    assert int(params["ChunkVisibilityTimeoutSeconds"]["Default"]) >= 6 * int(params["WorkerTimeoutSeconds"]["Default"])
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    for env in ("dev", "prod"):
+        overrides = config[env]["deploy"]["parameters"]["parameter_overrides"]
+        visibility = int(
+            overrides.get("ChunkVisibilityTimeoutSeconds", params["ChunkVisibilityTimeoutSeconds"]["Default"])
+        )
+        timeout = int(overrides.get("WorkerTimeoutSeconds", params["WorkerTimeoutSeconds"]["Default"]))
+        assert visibility >= 6 * timeout, env
+    with pytest.raises(ValueError, match="CHUNK_VISIBILITY_TIMEOUT_S \\(100\\) must be at least 6 times"):
+        Settings(worker_timeout_s=30, chunk_visibility_timeout_s=100)
+    worker = template["Resources"]["WorkerFunction"]["Properties"]
+    chunks = worker["Events"]["Chunks"]["Properties"]
+    assert chunks["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert chunks["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "WorkerMaximumConcurrency"}
+    assert worker["Environment"]["Variables"]["FANOUT_WORKERS"] == {"Ref": "WorkerMaximumConcurrency"}
+    assert worker["Timeout"] == {"Ref": "WorkerTimeoutSeconds"}
+    queue = template["Resources"]["ChunkQueue"]["Properties"]
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": "ChunkDeadLetterQueue.Arn"}
 
 
 def test_private_networks_are_declared_and_never_allowed_in_the_template(template: dict[str, Any]) -> None:
@@ -79,6 +121,7 @@ def test_each_route_is_written_once_per_auth_mode_without_novalue(template: dict
             "GET /async_sem/{n}/{k}",
             "POST /batch",
             "$default",
+            *(f"{method} {path}" for method, path in JOB_ROUTES),
         }
     )
 

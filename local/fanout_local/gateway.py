@@ -7,7 +7,10 @@
    that function's environment (Parameter defaults, each overridable from the shell
    by its name, e.g. `SemaphoreMaxConcurrency=50`; `TargetUrl`, and `Upstreams` as
    the /batch target "local", default to the bundled upstream);
-4. serves http://127.0.0.1:3000, turning each request into an HTTP API v2 event for
+4. starts the AWS the jobs need (fanout_local.stack: moto on :3002, the template's
+   table, buckets and queues in it) and, for each SQS event of a function, its event
+   source mapping (fanout_local.esm);
+5. serves http://127.0.0.1:3000, turning each request into an HTTP API v2 event for
    the function whose route matches (`$default` for the rest) and the handler's
    answer back into HTTP.
 
@@ -43,14 +46,24 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fanout_local.console import Console
+from fanout_local.esm import QueuePoller
 from fanout_local.pool import DEFAULT_LOCAL_CONTAINERS, FunctionPool, Throttled, Unavailable
-from fanout_local.template import LocalFunction, Route, load_template, local_functions, parameter_values
+from fanout_local.stack import REGION, LocalStack
+from fanout_local.template import (
+    STACK_RESOURCES,
+    LocalFunction,
+    Route,
+    load_template,
+    local_functions,
+    parameter_values,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_CONTAINERS_ENV = "FANOUT_LOCAL_CONTAINERS"
 #: What the local gateway sets over the template for its functions (unless the shell sets it):
 #: the bundled upstream is on loopback, which the functions refuse on Lambda.
 LOCAL_ONLY = {"FANOUT_ALLOW_PRIVATE_NETWORKS": "true"}
+AWS_LINE = "local AWS (moto) on"
 
 
 class PortInUse(SystemExit):
@@ -102,6 +115,8 @@ def http_api_event(
 
 def pool_limits(function: LocalFunction, parameters: Mapping[str, str], local_cap: int) -> tuple[int, bool]:
     """How many containers a function may have, and whether calls past that are throttled (reserved)."""
+    if function.queues:  # its event source mappings' ScalingConfig decides, as on AWS
+        return max(local_cap, sum(source.maximum_concurrency for source in function.queues)), False
     reserved = parameters.get(function.name.removesuffix("Function") + "ReservedConcurrency", "0")
     if reserved.isdigit() and int(reserved) > 0:
         return int(reserved), True
@@ -191,6 +206,14 @@ class RunningGateway:
     screen: list[str]  # what it printed up to serving: the upstream, the functions, the address
     output: list[str] = field(default_factory=list)  # what it printed after: the functions' logs
 
+    @property
+    def aws_url(self) -> str | None:
+        """The local stack's endpoint (moto), if the template has resources for it."""
+        for line in self.screen:
+            if line.startswith(AWS_LINE):
+                return line.split()[len(AWS_LINE.split())]
+        return None
+
 
 @contextmanager
 def running_gateway(
@@ -203,8 +226,9 @@ def running_gateway(
     variables of the functions' environment (e.g. LOG_LEVEL).
     """
     upstream = ["--upstream-port", str(upstream_port)] if upstream_port else ["--no-upstream"]
+    ports = ["--port", "0", "--aws-port", "0"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "fanout_local.gateway", "--port", "0", *upstream, *(["--raw-logs"] if raw_logs else [])],
+        [sys.executable, "-m", "fanout_local.gateway", *ports, *upstream, *(["--raw-logs"] if raw_logs else [])],
         env={**os.environ, **parameters},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -252,6 +276,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--upstream-port", type=int, default=3001)
     parser.add_argument("--upstream-delay-ms", type=float, default=50.0)
+    parser.add_argument("--aws-port", type=int, default=3002, help="the local AWS stand-in (moto) for the jobs")
     parser.add_argument("--no-upstream", action="store_true", help="do not start the bundled upstream")
     parser.add_argument("--raw-logs", action="store_true", help="the functions' JSON log lines, as CloudWatch has them")
     args = parser.parse_args()
@@ -268,7 +293,6 @@ def main() -> None:
             "Upstreams", json.dumps({"local": {"url": bundled, "allow_http": True, "max_redirects": 2}})
         )
     template = load_template(args.template)
-    functions = local_functions(template, args.template.parent, overrides)
     parameters = parameter_values(template, overrides)
     local_cap = int(os.environ.get(LOCAL_CONTAINERS_ENV, DEFAULT_LOCAL_CONTAINERS))
     console = Console(raw=args.raw_logs)
@@ -280,6 +304,8 @@ def main() -> None:
             upstream = _start_upstream(args.upstream_port, args.upstream_delay_ms)
             stack.callback(upstream.wait, 10)
             stack.callback(upstream.terminate)
+        aws, resources = _start_stack(stack, template, parameters, args.aws_port)
+        functions = local_functions(template, args.template.parent, overrides, resources)
         pools = []
         for function in functions:
             limit, throttles = pool_limits(function, parameters, local_cap)
@@ -287,7 +313,9 @@ def main() -> None:
                 **os.environ,
                 **function.environment,
                 **local_only,
+                **(aws.environment() if aws else {}),
                 "AWS_LAMBDA_FUNCTION_NAME": function.name,
+                "LAMBDA_TASK_ROOT": str(function.code_dir),
             }
             pool = FunctionPool(
                 function, environment, limit=limit, throttles=throttles, on_output=console.function_output
@@ -296,13 +324,61 @@ def main() -> None:
             pool.start()
             pools.append(pool)
         for pool in pools:
-            routes = ", ".join(route.route_key for route in pool.function.routes)
-            limit = pool.function.environment.get("FANOUT_MAX_CONCURRENCY", "-")
-            scale = f"{pool.limit} reserved" if pool.throttles else f"up to {pool.limit} local"
-            print(f"{pool.function.name:<18} {routes:<38} max concurrency {limit:<4} containers: {scale}", flush=True)
+            if pool.function.routes:
+                routes = ", ".join(route.route_key for route in pool.function.routes)
+                limit = pool.function.environment.get("FANOUT_MAX_CONCURRENCY", "-")
+                scale = f"{pool.limit} reserved" if pool.throttles else f"up to {pool.limit} local"
+                print(
+                    f"{pool.function.name:<18} {routes:<38} max concurrency {limit:<4} containers: {scale}", flush=True
+                )
+            for poller in _start_pollers(stack, aws, resources, pool):
+                source = poller.source
+                print(
+                    f"{pool.function.name:<18} SQS {source.queue:<34} batch {source.batch_size}, "
+                    f"{source.maximum_concurrency} at once (event source mapping)",
+                    flush=True,
+                )
+        if aws is not None:
+            print(f"{AWS_LINE} {aws.endpoint}  (S3, SQS, DynamoDB: {', '.join(sorted(resources))})", flush=True)
         print(f"fanout API on http://{args.host}:{server.server_address[1]}  (Ctrl-C stops)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             server.serve(pools)
+
+
+def _start_stack(
+    stack: ExitStack, template: Mapping[str, Any], parameters: Mapping[str, str], port: int
+) -> tuple[LocalStack | None, dict[str, dict[str, str]]]:
+    """The local AWS, if the template declares tables, buckets or queues; what their Refs are."""
+    kinds = {resource.get("Type") for resource in template.get("Resources", {}).values()}
+    if not kinds & set(STACK_RESOURCES):
+        return None, {}
+    if port:
+        check_free("127.0.0.1", port, "the local AWS stand-in")
+    aws = LocalStack(port)
+    aws.start()
+    stack.callback(aws.stop)
+    return aws, aws.create(template, parameters)
+
+
+def _start_pollers(
+    stack: ExitStack, aws: LocalStack | None, resources: Mapping[str, Mapping[str, str]], pool: FunctionPool
+) -> list[QueuePoller]:
+    pollers = []
+    for source in pool.function.queues:
+        if aws is None or source.queue not in resources:
+            raise SystemExit(f"fanout: {pool.function.name} reads {source.queue}, which the local stack has not made")
+        poller = QueuePoller(
+            aws.client("sqs"),
+            queue_url=resources[source.queue]["Ref"],
+            queue_arn=resources[source.queue]["Arn"],
+            region=REGION,
+            source=source,
+            pool=pool,
+        )
+        poller.start()
+        stack.callback(poller.stop)
+        pollers.append(poller)
+    return pollers
 
 
 def _stop_on_signals() -> None:

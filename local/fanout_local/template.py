@@ -48,6 +48,16 @@ class Route:
 
 
 @dataclass(frozen=True)
+class QueueSource:
+    """An SQS event source of a function, as its event source mapping would poll it."""
+
+    queue: str  # the queue's logical id in the template
+    batch_size: int
+    maximum_concurrency: int  # ScalingConfig.MaximumConcurrency (AWS's least is 2)
+    report_failures: bool  # FunctionResponseTypes: ReportBatchItemFailures
+
+
+@dataclass(frozen=True)
 class LocalFunction:
     name: str
     handler: str  # module.attribute
@@ -55,6 +65,7 @@ class LocalFunction:
     timeout_s: float
     routes: tuple[Route, ...]
     environment: dict[str, str]
+    queues: tuple[QueueSource, ...] = ()
 
 
 class _CloudFormationLoader(yaml.SafeLoader):
@@ -114,8 +125,26 @@ def _api_routes(resources: Mapping[str, Any]) -> dict[str, list[Route]]:
     return routes
 
 
-def local_functions(template: Mapping[str, Any], root: Path, overrides: Mapping[str, str]) -> list[LocalFunction]:
+#: What a resource's Ref and Fn::GetAtt are locally (fanout_local.stack fills it): {"JobsTable": {"Ref": ...}}.
+ResourceValues = Mapping[str, Mapping[str, str]]
+STACK_RESOURCES = ("AWS::DynamoDB::Table", "AWS::S3::Bucket", "AWS::SQS::Queue")
+
+
+def placeholders(template: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Each table, bucket and queue named by its logical id, as the SAM CLI leaves a Ref it cannot
+    resolve: for reading the functions without creating anything."""
+    return {
+        name: {"Ref": name, "Arn": f"arn:aws:local:::{name}", "QueueName": name}
+        for name, resource in template.get("Resources", {}).items()
+        if resource.get("Type") in STACK_RESOURCES
+    }
+
+
+def local_functions(
+    template: Mapping[str, Any], root: Path, overrides: Mapping[str, str], resources: ResourceValues | None = None
+) -> list[LocalFunction]:
     params = parameter_values(template, overrides)
+    values = Values(params, resources or {})
     defaults = template.get("Globals", {}).get("Function", {})
     api_routes = _api_routes(template.get("Resources", {}))
     functions = []
@@ -137,14 +166,35 @@ def local_functions(template: Mapping[str, Any], root: Path, overrides: Mapping[
                 name=name,
                 handler=props["Handler"],
                 code_dir=root / props["CodeUri"],
-                timeout_s=float(props.get("Timeout", 3)),
+                timeout_s=float(values.resolve(props.get("Timeout", 3), name)),
                 routes=routes,
                 environment={
-                    key: _resolve(value, params, name) for key, value in variables.items() if not _deploy_only(value)
+                    key: values.resolve(value, name) for key, value in variables.items() if not _deploy_only(value)
                 },
+                queues=_queue_sources(resource, values, name),
             )
         )
     return functions
+
+
+def _queue_sources(resource: Mapping[str, Any], values: Values, function: str) -> tuple[QueueSource, ...]:
+    sources = []
+    for event in resource.get("Properties", {}).get("Events", {}).values():
+        if event.get("Type") != "SQS":
+            continue
+        props = event["Properties"]
+        arn = props["Queue"]["Fn::GetAtt"]  # !GetAtt Queue.Arn
+        logical_id = arn.split(".")[0] if isinstance(arn, str) else arn[0]
+        scaling = props.get("ScalingConfig", {}).get("MaximumConcurrency", 2)
+        sources.append(
+            QueueSource(
+                queue=logical_id,
+                batch_size=int(values.resolve(props.get("BatchSize", 10), function)),
+                maximum_concurrency=int(values.resolve(scaling, function)),
+                report_failures="ReportBatchItemFailures" in props.get("FunctionResponseTypes", []),
+            )
+        )
+    return tuple(sources)
 
 
 def _deploy_only(value: Any) -> bool:
@@ -152,14 +202,39 @@ def _deploy_only(value: Any) -> bool:
     return isinstance(value, dict) and "Fn::If" in value
 
 
-def _resolve(value: Any, params: Mapping[str, str], function: str) -> str:
-    if isinstance(value, dict) and "Ref" in value:
-        ref = value["Ref"]
-        if ref not in params:
-            raise KeyError(f"{function}: parameter {ref} has no default; set it in the environment as {ref}=...")
-        return params[ref]
-    if isinstance(value, dict) and "Fn::Sub" in value:
-        return re.sub(r"\$\{(\w+)\}", lambda m: _resolve({"Ref": m.group(1)}, params, function), value["Fn::Sub"])
-    if isinstance(value, dict):
-        raise ValueError(f"{function}: cannot resolve {value} locally")
-    return str(value)
+class Values:
+    """Parameters and resources as their Ref and Fn::GetAtt read locally."""
+
+    def __init__(self, params: Mapping[str, str], resources: ResourceValues) -> None:
+        self.params = params
+        self.resources = resources
+
+    def resolve(self, value: Any, function: str) -> str:
+        if isinstance(value, dict) and "Ref" in value:
+            return self._ref(value["Ref"], function)
+        if isinstance(value, dict) and "Fn::GetAtt" in value:
+            target = value["Fn::GetAtt"]
+            logical_id, attribute = target.split(".", 1) if isinstance(target, str) else target
+            return self._resource(logical_id, function)[attribute]
+        if isinstance(value, dict) and "Fn::Sub" in value:
+            return re.sub(r"\$\{([\w.]+)\}", lambda m: self._sub(m.group(1), function), value["Fn::Sub"])
+        if isinstance(value, dict):
+            raise ValueError(f"{function}: cannot resolve {value} locally")
+        return str(value)
+
+    def _sub(self, name: str, function: str) -> str:
+        if "." in name:
+            return self.resolve({"Fn::GetAtt": name}, function)
+        return self._ref(name, function)
+
+    def _ref(self, name: str, function: str) -> str:
+        if name in self.params:
+            return self.params[name]
+        if name in self.resources:
+            return self.resources[name]["Ref"]
+        raise KeyError(f"{function}: parameter {name} has no default; set it in the environment as {name}=...")
+
+    def _resource(self, logical_id: str, function: str) -> Mapping[str, str]:
+        if logical_id not in self.resources:
+            raise KeyError(f"{function}: {logical_id} is not a resource the local stack creates")
+        return self.resources[logical_id]

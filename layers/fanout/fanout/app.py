@@ -134,6 +134,10 @@ def create_app(
         return await run("semaphore", Strategy.SEMAPHORE, n, min(k, settings.max_concurrency), request)
 
     add_batch_route(app, settings, runner.run, telemetry)
+    if settings.jobs_table:  # the jobs function's; boto3 is imported only where it is used
+        from fanout.jobs.api import add_job_routes
+
+        add_job_routes(app, settings)
     _document_batch_body(app)
     return app
 

@@ -196,7 +196,7 @@ def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telem
                 f"the answer to {len(call.requests)} requests with these ids would not fit "
                 f"{ENV_PREFIX}MAX_RESPONSE_BYTES ({settings.max_response_bytes}); send fewer, or shorter ids",
             )
-        items = [_to_item(index, item, settings, scopes) for index, item in enumerate(call.requests)]
+        items = [to_batch_item(index, item, settings, scopes) for index, item in enumerate(call.requests)]
         concurrency = min(call.concurrency or settings.max_concurrency, settings.max_concurrency)
         budget = call_budget_s(call.deadline_s, settings.deadline_s, request.scope.get("aws.context"))
         with call_span("batch", call.strategy, len(items)):
@@ -227,7 +227,9 @@ def _refuse(loc: tuple[str | int, ...], message: str, given: Any = None, *, kind
     raise RequestValidationError([{"loc": loc, "msg": message, "type": kind, "input": given}])
 
 
-def _to_item(index: int, item: BatchRequestItem, settings: Settings, scopes: dict[str, TargetScope]) -> BatchItem:
+def to_batch_item(index: int, item: BatchRequestItem, settings: Settings, scopes: dict[str, TargetScope]) -> BatchItem:
+    """A validated request as the runner's item; a RequestValidationError naming the field for an unknown
+    target or a header the caller may not set (POST /batch, and each line of a job)."""
     target = settings.upstreams.get(item.target)
     if target is None:
         allowed = ", ".join(sorted(settings.upstreams)) or f"none: {ENV_PREFIX}UPSTREAMS is empty"

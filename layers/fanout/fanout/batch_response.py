@@ -98,6 +98,15 @@ class _Item:
         return bool(self.fields.get(part))
 
 
+def item_line(report: ItemReport, **first: Any) -> str:
+    """One item's JSON object on one line (a job's results), the `first` fields ahead of it."""
+    item = _Item(report)
+    if first:
+        item.fields = {**first, **item.fields}
+        item.measure()
+    return item.text
+
+
 @dataclass(frozen=True)
 class Rendered:
     body: bytes

@@ -110,6 +110,20 @@ class Settings(BaseSettings):
         default=4_000_000, ge=65_536, le=6_000_000, description="The answer as Lambda posts it; its limit is 6 MB."
     )
     max_body_bytes: int = Field(default=1_000_000, ge=1024, le=6_000_000, description="Largest /batch request body.")
+    # Jobs (fanout.jobs): where they live, set by the template for the jobs API and the worker.
+    jobs_table: str = Field(default="", description="The DynamoDB table of jobs, chunks and target pauses.")
+    input_bucket: str = Field(default="", description="Where job items are kept: uploads and inline items.")
+    results_bucket: str = Field(default="", description="Where each chunk's results and each job's manifest go.")
+    chunk_queue_url: str = Field(default="", description="The SQS queue of chunk messages the worker consumes.")
+    dead_letter_queue_arn: str = Field(default="", description="Where chunks that kept failing go.")
+    chunk_items: int = Field(default=500, ge=1, le=10_000, description="Items per chunk (one SQS message).")
+    max_job_items: int = Field(default=10_000_000, ge=1, le=100_000_000, description="Largest job.")
+    max_upload_bytes: int = Field(default=5 * 2**30, ge=1024, le=5 * 2**30, description="Largest uploaded file.")
+    workers: int = Field(default=1, ge=1, le=1000, description="Worker containers at most (the ESM's maximum).")
+    worker_timeout_s: float = Field(default=300, ge=1, le=900, description="The worker's Lambda timeout.")
+    chunk_visibility_timeout_s: float = Field(default=0, ge=0, description="The chunk queue's; 0: not checked.")
+    results_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 86400, description="Presigned URLs last this long.")
+    job_retention_days: int = Field(default=7, ge=1, le=365, description="Jobs and their files are kept this long.")
 
     @model_validator(mode="after")
     def _timeout_fits_deadline(self) -> Settings:
@@ -117,6 +131,18 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}REQUEST_TIMEOUT_S ({self.request_timeout_s}) must not exceed "
                 f"{ENV_PREFIX}DEADLINE_S ({self.deadline_s})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _chunks_come_back_after_their_lease(self) -> Settings:
+        """AWS's advice for an SQS event source, and what keeps a chunk from running twice at once: a
+        message comes back only once the attempt that received it can no longer be running."""
+        visibility, timeout = self.chunk_visibility_timeout_s, self.worker_timeout_s
+        if visibility and visibility < 6 * timeout:
+            raise ValueError(
+                f"{ENV_PREFIX}CHUNK_VISIBILITY_TIMEOUT_S ({visibility:g}) must be at least 6 times "
+                f"{ENV_PREFIX}WORKER_TIMEOUT_S ({timeout:g}): {6 * timeout:g}"
             )
         return self
 

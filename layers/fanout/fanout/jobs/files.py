@@ -1,0 +1,109 @@
+"""A job's files in S3: where each is kept, and reading and writing them a bounded piece at a time.
+
+Input bucket: `uploads/{upload_id}.jsonl` (what a caller PUTs to a presigned URL) and
+`jobs/{job_id}/items.jsonl` (the items of a job submitted inline). A job only ever
+reads keys this module names: a caller chooses an upload id, never a bucket or key.
+
+Results bucket: `results/{job_id}/chunks/{index:07d}-{attempt}.jsonl`, one per chunk
+attempt (the job table says which attempt's file counts), and
+`results/{job_id}/manifest.json` once the job has ended.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+READ_BLOCK_BYTES = 1 << 20
+
+
+def upload_key(upload_id: str) -> str:
+    return f"uploads/{upload_id}.jsonl"
+
+
+def inline_key(job_id: str) -> str:
+    return f"jobs/{job_id}/items.jsonl"
+
+
+def results_key(job_id: str, index: int, attempt: str) -> str:
+    return f"results/{job_id}/chunks/{index:07d}-{attempt}.jsonl"
+
+
+def manifest_key(job_id: str) -> str:
+    return f"results/{job_id}/manifest.json"
+
+
+class JobFiles:
+    """The two buckets, through one boto3 S3 client."""
+
+    def __init__(self, s3: Any, *, input_bucket: str, results_bucket: str, url_ttl_s: int) -> None:
+        self.s3 = s3
+        self.input_bucket = input_bucket
+        self.results_bucket = results_bucket
+        self.url_ttl_s = url_ttl_s
+
+    def __repr__(self) -> str:
+        return f"JobFiles(input={self.input_bucket!r}, results={self.results_bucket!r})"
+
+    def upload_url(self, upload_id: str) -> str:
+        """A presigned PUT of an upload's file: the only way a caller's file gets into the input bucket."""
+        return str(
+            self.s3.generate_presigned_url(
+                "put_object",
+                Params={"Bucket": self.input_bucket, "Key": upload_key(upload_id)},
+                ExpiresIn=self.url_ttl_s,
+            )
+        )
+
+    def input_size(self, key: str) -> int | None:
+        """The input file's size in bytes, or None if there is none."""
+        try:
+            head = self.s3.head_object(Bucket=self.input_bucket, Key=key)
+        except self.s3.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return int(head["ContentLength"])
+
+    def put_input(self, key: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.input_bucket, Key=key, Body=data, ContentType="application/x-ndjson")
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an input file: one chunk's lines."""
+        if end <= start:
+            return b""
+        answer = self.s3.get_object(Bucket=self.input_bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+        return bytes(answer["Body"].read())
+
+    def lines_with_offsets(self, key: str) -> Iterator[tuple[int, bytes]]:
+        """Each line of an input file (without its newline) and the byte offset it starts at, read a
+        block at a time: a file of any size costs a block of memory."""
+        body = self.s3.get_object(Bucket=self.input_bucket, Key=key)["Body"]
+        pending, offset = b"", 0
+        while block := body.read(READ_BLOCK_BYTES):
+            pending += block
+            *whole, pending = pending.split(b"\n")
+            for line in whole:
+                yield offset, line
+                offset += len(line) + 1
+        if pending:
+            yield offset, pending
+
+    def put_results(self, key: str, lines: list[str]) -> None:
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        self.s3.put_object(Bucket=self.results_bucket, Key=key, Body=data, ContentType="application/x-ndjson")
+
+    def put_manifest(self, job_id: str, manifest: dict[str, Any]) -> None:
+        data = json.dumps(manifest, separators=(",", ":")).encode()
+        self.s3.put_object(
+            Bucket=self.results_bucket, Key=manifest_key(job_id), Body=data, ContentType="application/json"
+        )
+
+    def results_url(self, key: str) -> str:
+        """A presigned GET of a results file or the manifest."""
+        return str(
+            self.s3.generate_presigned_url(
+                "get_object", Params={"Bucket": self.results_bucket, "Key": key}, ExpiresIn=self.url_ttl_s
+            )
+        )

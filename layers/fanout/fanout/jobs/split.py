@@ -1,0 +1,113 @@
+"""Cut a job's input file into chunk messages: in a worker, after POST /jobs has answered.
+
+The file is read a block at a time (a file of any size costs a block of memory), and
+every `chunk_items` non-blank lines become one `RunChunk`: a byte range and the number
+of its first line. Nothing is parsed here: a bad line is its item's error, reported by
+the chunk that holds it. Messages go out ten at a time, and the count sent is
+recorded, so a split that SQS delivers again goes on where the last one stopped
+instead of sending chunks twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fanout.jobs import messages
+from fanout.jobs.files import JobFiles
+from fanout.jobs.messages import RunChunk, SplitInput
+from fanout.jobs.store import JobStatus, JobStore
+
+SEND_EVERY = 100  # chunk messages sent (and recorded as sent) at a time
+
+
+@dataclass(frozen=True)
+class SplitQueue:
+    sqs: object
+    url: str
+
+
+def split_input(
+    message: SplitInput,
+    *,
+    store: JobStore,
+    files: JobFiles,
+    queue: SplitQueue,
+    chunk_items: int,
+    max_items: int,
+    now_ms: Callable[[], int],
+) -> None:
+    job = store.get(message.job_id)
+    if job is None:
+        return  # expired, or never created: nothing to do
+    if job["status"] == JobStatus.CANCELLED:
+        store.split_done(message.job_id, total=0, chunks=0, now_ms=now_ms())  # cancelled before it began
+        return
+    if job["status"] == JobStatus.QUEUED:
+        store.start(message.job_id, now_ms())
+    cutter = _Cutter(message, already_sent=int(job["split_sent"]), chunk_items=chunk_items)
+    for offset, line in files.lines_with_offsets(message.key):
+        if cutter.total == max_items and line.strip():
+            cutter.close()
+            cutter.send(store, queue)
+            reason = f"the input has more than {max_items} items (FANOUT_MAX_JOB_ITEMS); the first {max_items} ran"
+            store.fail_input(message.job_id, reason, total=cutter.total, chunks=cutter.chunks, now_ms=now_ms())
+            return
+        cutter.add(offset, line)
+        if len(cutter.pending) >= SEND_EVERY:
+            cutter.send(store, queue)
+    cutter.close()
+    cutter.send(store, queue)
+    store.split_done(message.job_id, total=cutter.total, chunks=cutter.chunks, now_ms=now_ms())
+
+
+class _Cutter:
+    """Lines in, chunks out: every `chunk_items` non-blank lines, a byte range and its first line's number."""
+
+    def __init__(self, message: SplitInput, *, already_sent: int, chunk_items: int) -> None:
+        self.message = message
+        self.already_sent = already_sent  # a split delivered again sends only what the last did not
+        self.chunk_items = chunk_items
+        self.pending: list[RunChunk] = []
+        self.total = 0
+        self.chunks = 0
+        self._line = 0
+        self._start: int | None = None
+        self._first_line = 0
+        self._end = 0
+        self._items = 0
+
+    def add(self, offset: int, line: bytes) -> None:
+        self._line += 1
+        if not line.strip():
+            return
+        if self._start is None:
+            self._start, self._first_line = offset, self._line
+        self._end = offset + len(line) + 1
+        self._items += 1
+        self.total += 1
+        if self._items == self.chunk_items:
+            self.close()
+
+    def close(self) -> None:
+        if self._start is None:
+            return
+        if self.chunks >= self.already_sent:
+            chunk = RunChunk(
+                job_id=self.message.job_id,
+                index=self.chunks,
+                key=self.message.key,
+                start=self._start,
+                end=self._end,
+                first_line=self._first_line,
+                items=self._items,
+            )
+            self.pending.append(chunk)
+        self.chunks += 1
+        self._start, self._items = None, 0
+
+    def send(self, store: JobStore, queue: SplitQueue) -> None:
+        if self.pending:
+            messages.send(queue.sqs, queue.url, self.pending)
+            store.split_progress(self.message.job_id, self.pending[-1].index + 1)
+            self.pending = []

@@ -1,0 +1,130 @@
+"""The worker: the SQS handler that splits inputs and runs chunks, with partial batch failures.
+
+Powertools' AsyncBatchProcessor runs a batch's records at once on the container's one
+loop (with the pooled client and the targets' limiters of `fanout.batch`) and answers
+`batchItemFailures` for the records that raised: only those come back (after their
+visibility timeout), the rest are deleted. A record that keeps failing goes to the
+dead-letter queue after the queue's maxReceiveCount; the worker also consumes that
+queue, where a chunk is buried (each item a ChunkFailed error) and a split fails its
+job, so that no job waits forever for a chunk that will never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.batch import AsyncBatchProcessor, EventType, async_process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+from fanout.batch import BatchRunner
+from fanout.budget import call_budget_s
+from fanout.jobs.chunk import ChunkContext, bury_chunk, finish_if_done, now_ms, run_chunk
+from fanout.jobs.files import JobFiles
+from fanout.jobs.messages import SplitInput, decode
+from fanout.jobs.split import SplitQueue, split_input
+from fanout.jobs.store import JobStore
+from fanout.politeness import Politeness
+from fanout.settings import ConfigError, Settings, load_settings
+from fanout.transports import make_transport
+
+DEAD_LETTER_REASON = "the chunk failed on every delivery and was moved to the dead-letter queue"
+REQUIRED = ("jobs_table", "input_bucket", "results_bucket", "chunk_queue_url", "dead_letter_queue_arn")
+
+
+class Worker:
+    """One per container: the clients and the runner, kept across warm invocations."""
+
+    def __init__(self, settings: Settings, *, timeout_s: float) -> None:
+        missing = [f"FANOUT_{name.upper()}" for name in REQUIRED if not getattr(settings, name)]
+        if missing:
+            raise ConfigError(f"Invalid configuration: the worker needs {', '.join(missing)} (set by template.yaml)")
+        self.settings = settings
+        transport = make_transport(
+            settings.transport,
+            max_connections=settings.max_concurrency,
+            timeout_s=settings.request_timeout_s,
+            max_per_host=settings.max_per_host,
+            allow_private=settings.allow_private_networks,
+        )
+        politeness = Politeness(
+            ceiling=settings.max_concurrency,
+            max_in_flight={name: t.max_in_flight for name, t in settings.upstreams.items() if t.max_in_flight},
+            rate_per_s={name: t.rate_per_s for name, t in settings.upstreams.items() if t.rate_per_s},
+            circuit_failures=settings.circuit_failures,
+            circuit_cool_down_s=settings.circuit_cool_down_s,
+        )
+        runner = BatchRunner(
+            transport,
+            max_attempts=settings.max_attempts,
+            max_item_bytes=settings.max_item_bytes,
+            rate_per_s=settings.rate_per_s,
+            politeness=politeness,
+        )
+        self.sqs = boto3.client("sqs")
+        self.context = ChunkContext(
+            settings=settings,
+            store=JobStore(boto3.client("dynamodb"), settings.jobs_table, retention_days=settings.job_retention_days),
+            files=JobFiles(
+                boto3.client("s3"),
+                input_bucket=settings.input_bucket,
+                results_bucket=settings.results_bucket,
+                url_ttl_s=settings.results_url_ttl_s,
+            ),
+            runner=runner,
+            politeness=politeness,
+            lease_s=timeout_s,
+        )
+        self.processor = AsyncBatchProcessor(event_type=EventType.SQS)
+        self.logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME") or "fanout")
+
+    def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        self._lambda_context = context
+        return async_process_partial_response(
+            event=event, record_handler=self.record, processor=self.processor, context=context
+        )
+
+    async def record(self, record: SQSRecord) -> None:
+        message = decode(record.body)
+        dead = record.event_source_arn == self.settings.dead_letter_queue_arn
+        context = self.context
+        if isinstance(message, SplitInput):
+            if dead:
+                await asyncio.to_thread(self._fail_split, message)
+            else:
+                await asyncio.to_thread(self._split, message)
+        elif dead:
+            await bury_chunk(message, context, reason=DEAD_LETTER_REASON)
+        else:
+            # A chunk may take the worker's whole timeout (its lease), less the margin to record it.
+            budget = call_budget_s(None, context.lease_s, self._lambda_context)
+            await run_chunk(message, context, budget_s=budget)
+
+    def _split(self, message: SplitInput) -> None:
+        context = self.context
+        split_input(
+            message,
+            store=context.store,
+            files=context.files,
+            queue=SplitQueue(self.sqs, self.settings.chunk_queue_url),
+            chunk_items=self.settings.chunk_items,
+            max_items=self.settings.max_job_items,
+            now_ms=now_ms,
+        )
+        finish_if_done(message.job_id, context.store, context.files)
+
+    def _fail_split(self, message: SplitInput) -> None:
+        store = self.context.store
+        job = store.get(message.job_id)
+        if job is None:
+            return
+        reason = "the input could not be cut into chunks: " + DEAD_LETTER_REASON.removeprefix("the chunk ")
+        store.fail_input(message.job_id, reason, total=None, chunks=int(job["split_sent"]), now_ms=now_ms())
+        finish_if_done(message.job_id, store, self.context.files)
+
+
+def create_worker(timeout_s: float) -> Worker:
+    return Worker(load_settings(), timeout_s=timeout_s)

@@ -1,0 +1,1 @@
+"""`fanout`: the command line client of the jobs API (fanout_cli.main)."""

@@ -1,0 +1,562 @@
+"""Jobs, piece by piece, against moto in-process (S3, SQS, DynamoDB) and the test upstream on 127.0.0.1.
+
+The split, a chunk's claim and record, redelivery, leases, the dead-letter queue, the
+end of a job and its manifest, cancelling; the worker's handler with SQS events (the
+event file of events/ included) and the jobs routes through the real handler. The
+local stack and the whole path end to end are test_jobs_local.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from conftest import ROOT, lambda_context, load_event
+from fanout import install_event_loop
+from fanout.batch import BatchRunner
+from fanout.jobs.chunk import CHUNK_FAILED, INVALID_ITEM, ChunkBusy, ChunkContext, bury_chunk, finish_if_done, run_chunk
+from fanout.jobs.files import JobFiles, inline_key
+from fanout.jobs.messages import RunChunk, SplitInput, decode, encode
+from fanout.jobs.split import SplitQueue, split_input
+from fanout.jobs.store import ChunkCounts, Claim, JobStore
+from fanout.politeness import Politeness
+from fanout.settings import Settings
+from fanout.transports import make_transport
+from fanout_local.upstream import LocalUpstream
+
+REGION = "us-east-1"
+TABLE, INPUT, RESULTS = "jobs", "fanout-input", "fanout-results"
+
+
+def create_resources() -> dict[str, str]:
+    """What template.yaml declares, as boto3 creates it (fanout_local.stack does the same for make run)."""
+    dynamodb = boto3.client("dynamodb", region_name=REGION)
+    dynamodb.create_table(
+        TableName=TABLE,
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    s3 = boto3.client("s3", region_name=REGION)
+    for bucket in (INPUT, RESULTS):
+        s3.create_bucket(Bucket=bucket)
+    sqs = boto3.client("sqs", region_name=REGION)
+    dead = sqs.create_queue(QueueName="chunks-dead")["QueueUrl"]
+    dead_arn = sqs.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dead_arn, "maxReceiveCount": "2"})
+    chunks = sqs.create_queue(QueueName="chunks", Attributes={"RedrivePolicy": redrive, "VisibilityTimeout": "1"})[
+        "QueueUrl"
+    ]
+    return {"chunks": chunks, "dead": dead, "dead_arn": dead_arn}
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        yield create_resources()
+
+
+def settings_for(upstream: LocalUpstream, aws: dict[str, str], **more: Any) -> Settings:
+    return Settings(
+        upstreams={"up": {"url": upstream.url, "allow_http": True}},
+        allow_private_networks=True,
+        max_concurrency=20,
+        jobs_table=TABLE,
+        input_bucket=INPUT,
+        results_bucket=RESULTS,
+        chunk_queue_url=aws["chunks"],
+        dead_letter_queue_arn=aws["dead_arn"],
+        **more,
+    )
+
+
+def store() -> JobStore:
+    return JobStore(boto3.client("dynamodb", region_name=REGION), TABLE, retention_days=7)
+
+
+def files() -> JobFiles:
+    return JobFiles(boto3.client("s3", region_name=REGION), input_bucket=INPUT, results_bucket=RESULTS, url_ttl_s=600)
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One loop for the test, as a worker container has: its pooled client lives on it."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def chunks_on(aws: dict[str, str], upstream: LocalUpstream, loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    """`chunks_on(coroutine function, message, **kwargs)`: run it with a worker's chunk context, on `loop`."""
+    transport = make_transport("aiohttp", max_connections=20, timeout_s=5, allow_private=True)
+    politeness = Politeness(ceiling=20)
+    runner = BatchRunner(transport, max_attempts=2, max_item_bytes=4096, rate_per_s=0, politeness=politeness)
+    context = ChunkContext(
+        settings=settings_for(upstream, aws),
+        store=store(),
+        files=files(),
+        runner=runner,
+        politeness=politeness,
+        lease_s=30,
+    )
+
+    def go(step: Any, message: Any, **kwargs: Any) -> Any:
+        return loop.run_until_complete(step(message, context, **kwargs))
+
+    yield go
+    loop.run_until_complete(transport.aclose())
+
+
+def item(i: int, **fields: Any) -> dict[str, Any]:
+    return {"id": f"i{i}", "target": "up", "path": "/delay", "query": {"ms": 1}, **fields}
+
+
+def new_job(lines: list[str], *, job_id: str = "0" * 32, spec: dict[str, Any] | None = None) -> str:
+    files().put_input(inline_key(job_id), ("\n".join(lines) + "\n").encode())
+    store().create(job_id, input_key=inline_key(job_id), spec=spec or {}, now_ms=int(time.time() * 1000))
+    return job_id
+
+
+def queued(queue_url: str) -> list[Any]:
+    sqs = boto3.client("sqs", region_name=REGION)
+    found = []
+    while batch := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", []):
+        for message in batch:
+            found.append(decode(message["Body"]))
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    return found
+
+
+def split(job_id: str, aws: dict[str, str], *, chunk_items: int = 3, max_items: int = 1000) -> list[RunChunk]:
+    split_input(
+        SplitInput(job_id=job_id, key=inline_key(job_id)),
+        store=store(),
+        files=files(),
+        queue=SplitQueue(boto3.client("sqs", region_name=REGION), aws["chunks"]),
+        chunk_items=chunk_items,
+        max_items=max_items,
+        now_ms=lambda: int(time.time() * 1000),
+    )
+    return [message for message in queued(aws["chunks"]) if isinstance(message, RunChunk)]
+
+
+def results_of(job_id: str) -> list[dict[str, Any]]:
+    s3 = boto3.client("s3", region_name=REGION)
+    manifest = json.loads(s3.get_object(Bucket=RESULTS, Key=f"results/{job_id}/manifest.json")["Body"].read())
+    lines: list[dict[str, Any]] = []
+    for chunk in manifest["chunks"]:
+        body = s3.get_object(Bucket=RESULTS, Key=chunk["key"])["Body"].read().decode()
+        lines += [json.loads(line) for line in body.splitlines()]
+    return lines
+
+
+# --- messages -------------------------------------------------------------------------------------------
+
+
+def test_messages_round_trip_and_refuse_what_is_not_ours() -> None:
+    chunk = RunChunk(job_id="j", index=3, key="k", start=10, end=90, first_line=7, items=5)
+    assert decode(encode(chunk)) == chunk
+    assert decode(encode(SplitInput(job_id="j", key="k"))) == SplitInput(job_id="j", key="k")
+    for body in ("", "[]", '{"kind": "other"}', '{"kind": "chunk", "job_id": "j"}', '{"kind": "split", "x": 1}'):
+        with pytest.raises(ValueError, match="not a chunk queue message"):
+            decode(body)
+
+
+# --- the split ----------------------------------------------------------------------------------------------
+
+
+def test_the_split_covers_every_line_once_in_ranges_of_whole_lines(aws: dict[str, str]) -> None:
+    lines = [json.dumps(item(i)) for i in range(8)]
+    lines.insert(4, "   ")  # a blank line is no item, but keeps its number
+    job_id = new_job(lines)
+    chunks = split(job_id, aws)
+
+    data = files().read_range(inline_key(job_id), 0, 10**9)
+    assert [chunk.index for chunk in chunks] == [0, 1, 2]
+    assert [chunk.items for chunk in chunks] == [3, 3, 2]
+    assert [chunk.first_line for chunk in chunks] == [1, 4, 8]
+    assert b"".join(data[c.start : c.end] for c in chunks).split(b"\n")[:-1] == [line.encode() for line in lines]
+    job = store().get(job_id)
+    assert job is not None
+    assert (job["status"], job["total"], job["chunks"], job["split_sent"]) == ("running", 8, 3, 3)
+
+
+def test_a_split_delivered_again_sends_only_what_was_not_sent(aws: dict[str, str]) -> None:
+    job_id = new_job([json.dumps(item(i)) for i in range(7)])
+    store().split_progress(job_id, 2)  # the first delivery sent two chunks, then died
+    assert [chunk.index for chunk in split(job_id, aws)] == [2]
+
+
+def test_a_split_past_the_job_limit_fails_the_job_saying_so(aws: dict[str, str]) -> None:
+    job_id = new_job([json.dumps(item(i)) for i in range(10)])
+    chunks = split(job_id, aws, max_items=4)
+    job = store().get(job_id)
+    assert job is not None
+    assert sum(chunk.items for chunk in chunks) == 4
+    assert (job["status"], job["total"], job["chunks"]) == ("failed", 4, len(chunks))
+    assert "more than 4 items" in job["error"]
+
+
+# --- chunks ----------------------------------------------------------------------------------------------------
+
+
+def test_a_job_runs_every_item_once_and_ends_with_its_manifest(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
+) -> None:
+    lines = [json.dumps(item(i)) for i in range(7)]
+    lines[2] = '{"id": "bad", "target": "nowhere"}'
+    lines[5] = "not json"
+    job_id = new_job(lines)
+    for chunk in split(job_id, aws):
+        chunks_on(run_chunk, chunk, budget_s=10)
+
+    job = store().get(job_id)
+    assert job is not None
+    assert (job["status"], job["succeeded"], job["failed"], job["skipped"]) == ("succeeded", 5, 2, 0)
+    assert job["requests"] == {"up": 5}
+    results = results_of(job_id)
+    assert [line["line"] for line in results] == list(range(1, 8))
+    assert [line["id"] for line in results] == ["i0", "i1", "bad", "i3", "i4", "line 6", "i6"]
+    assert {line["id"]: line.get("status") for line in results}["i0"] == 200
+    errors = {line["id"]: line["error"] for line in results if "error" in line}
+    assert errors["bad"]["type"] == INVALID_ITEM and "unknown target" in errors["bad"]["message"]
+    assert errors["line 6"]["type"] == INVALID_ITEM
+
+
+def test_a_chunk_delivered_twice_runs_once(aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any) -> None:
+    job_id = new_job([json.dumps(item(i)) for i in range(3)])
+    (chunk,) = split(job_id, aws)
+    chunks_on(run_chunk, chunk, budget_s=10)
+    sent = upstream.stats.requests
+    chunks_on(run_chunk, chunk, budget_s=10)  # SQS delivers at least once
+
+    job = store().get(job_id)
+    assert job is not None
+    assert upstream.stats.requests == sent
+    assert (job["succeeded"], job["chunks_done"]) == (3, 1)
+
+
+def test_a_chunk_held_by_a_live_lease_is_busy_and_one_whose_lease_ran_out_is_taken_over(aws: dict[str, str]) -> None:
+    jobs = store()
+    job_id = new_job([json.dumps(item(0))])
+    now = int(time.time() * 1000)
+    assert jobs.claim(job_id, 0, attempt="first", lease_ms=60_000, now_ms=now) is Claim.CLAIMED
+    assert jobs.claim(job_id, 0, attempt="second", lease_ms=60_000, now_ms=now + 1000) is Claim.BUSY
+    # the first attempt died: past its lease, the chunk is free again
+    assert jobs.claim(job_id, 0, attempt="third", lease_ms=60_000, now_ms=now + 61_000) is Claim.CLAIMED
+    counts = ChunkCounts(succeeded=1)
+    assert not jobs.commit(job_id, 0, attempt="first", results_key="a", counts=counts, now_ms=now + 62_000)
+    assert jobs.commit(job_id, 0, attempt="third", results_key="c", counts=counts, now_ms=now + 62_000)
+    assert jobs.claim(job_id, 0, attempt="fourth", lease_ms=60_000, now_ms=now + 63_000) is Claim.DONE
+    job = jobs.get(job_id)
+    assert job is not None
+    assert (job["succeeded"], job["chunks_done"]) == (1, 1)  # counted once, by the attempt that held it
+    assert jobs.chunk(job_id, 0)["results_key"] == "c"  # type: ignore[index]
+
+
+def test_run_chunk_raises_busy_while_another_attempt_holds_the_chunk(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
+) -> None:
+    job_id = new_job([json.dumps(item(0))])
+    (chunk,) = split(job_id, aws)
+    store().claim(job_id, 0, attempt="other", lease_ms=60_000, now_ms=int(time.time() * 1000))
+    with pytest.raises(ChunkBusy):
+        chunks_on(run_chunk, chunk, budget_s=10)
+
+
+def test_a_buried_chunk_reports_its_items_failed_and_fails_the_job(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
+) -> None:
+    job_id = new_job([json.dumps(item(i)) for i in range(5)])
+    first, second = split(job_id, aws)
+    chunks_on(run_chunk, first, budget_s=10)
+    chunks_on(bury_chunk, second, reason="gone")
+    chunks_on(bury_chunk, second, reason="gone")  # the dead-letter queue delivers at least once too
+
+    job = store().get(job_id)
+    assert job is not None
+    assert (job["status"], job["succeeded"], job["failed"], job["dead_chunks"]) == ("failed", 3, 2, 1)
+    results = results_of(job_id)
+    assert [line["id"] for line in results] == ["i0", "i1", "i2", "i3", "i4"]
+    assert [line["error"]["type"] for line in results[3:]] == [CHUNK_FAILED, CHUNK_FAILED]
+
+
+def test_a_buried_chunk_whose_input_is_gone_is_accounted_for_by_count(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
+) -> None:
+    job_id = new_job([json.dumps(item(i)) for i in range(3)])
+    (chunk,) = split(job_id, aws)
+    boto3.client("s3", region_name=REGION).delete_object(Bucket=INPUT, Key=inline_key(job_id))
+    chunks_on(bury_chunk, chunk, reason="gone")
+    assert [line["id"] for line in results_of(job_id)] == ["chunk 0 item 1", "chunk 0 item 2", "chunk 0 item 3"]
+
+
+def test_a_cancelled_job_starts_no_more_requests(aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any) -> None:
+    job_id = new_job([json.dumps(item(i)) for i in range(6)])
+    first, second = split(job_id, aws)
+    chunks_on(run_chunk, first, budget_s=10)
+    assert store().cancel(job_id, int(time.time() * 1000))
+    sent = upstream.stats.requests
+    chunks_on(run_chunk, second, budget_s=10)
+
+    job = store().get(job_id)
+    assert job is not None
+    assert upstream.stats.requests == sent
+    assert (job["status"], job["succeeded"], job["skipped"]) == ("cancelled", 3, 3)
+    assert "finished_ms" in job
+    assert [line.get("skipped") for line in results_of(job_id)] == [None] * 3 + ["cancelled"] * 3
+    assert not store().cancel(job_id, int(time.time() * 1000))  # it has ended
+
+
+def test_an_empty_input_ends_the_job_at_once(aws: dict[str, str]) -> None:
+    job_id = new_job([])
+    assert split(job_id, aws) == []
+    assert finish_if_done(job_id, store(), files())
+    job = store().get(job_id)
+    assert job is not None
+    assert (job["status"], job["total"]) == ("succeeded", 0)
+    assert results_of(job_id) == []
+
+
+def test_targets_pause_for_every_worker(aws: dict[str, str]) -> None:
+    jobs = store()
+    now = int(time.time() * 1000)
+    jobs.pause("up", now + 5000, now)
+    jobs.pause("up", now + 1000, now)  # never shortened
+    assert jobs.pauses(["up", "other"]) == {"up": now + 5000}
+
+
+# --- the worker's handler ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker(aws: dict[str, str], upstream: LocalUpstream, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The worker as its Lambda entry point builds it: on the container's one loop (Powertools' batch
+    processor runs on the current loop when LAMBDA_TASK_ROOT says it is in Lambda)."""
+    from fanout.jobs.worker import Worker
+    from fanout.settings import load_settings
+
+    for name, value in {
+        "LAMBDA_TASK_ROOT": str(ROOT / "functions" / "worker"),
+        "FANOUT_UPSTREAMS": json.dumps({"up": {"url": upstream.url, "allow_http": True}}),
+        "FANOUT_ALLOW_PRIVATE_NETWORKS": "true",
+        "FANOUT_JOBS_TABLE": TABLE,
+        "FANOUT_INPUT_BUCKET": INPUT,
+        "FANOUT_RESULTS_BUCKET": RESULTS,
+        "FANOUT_CHUNK_QUEUE_URL": aws["chunks"],
+        "FANOUT_DEAD_LETTER_QUEUE_ARN": aws["dead_arn"],
+        "FANOUT_CHUNK_ITEMS": "2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    loop = install_event_loop()
+    worker = Worker(load_settings(), timeout_s=30)
+    yield worker
+    loop.run_until_complete(worker.context.runner.transport.aclose())
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+def sqs_event(messages: list[Any], *, source_arn: str) -> dict[str, Any]:
+    """The worker's event file with these bodies (events/worker-sqs.json is the shape)."""
+    event = load_event("worker-sqs.json")
+    template = event["Records"][0]
+    event["Records"] = [
+        {**copy.deepcopy(template), "messageId": f"m{i}", "body": encode(message), "eventSourceARN": source_arn}
+        for i, message in enumerate(messages)
+    ]
+    return event
+
+
+def test_the_worker_event_file_is_a_split_the_handler_takes(worker: Any, aws: dict[str, str]) -> None:
+    event = load_event("worker-sqs.json")
+    assert decode(event["Records"][0]["body"]) == SplitInput(job_id="0" * 32, key=inline_key("0" * 32))
+    new_job([json.dumps(item(i)) for i in range(3)])
+    event["Records"][0]["eventSourceARN"] = "arn:aws:sqs:us-east-1:123456789012:chunks"
+    assert worker.handle(event, lambda_context()) == {"batchItemFailures": []}
+    assert [message.items for message in queued(aws["chunks"])] == [2, 1]
+
+
+def test_the_worker_reports_only_the_records_that_failed(worker: Any, aws: dict[str, str]) -> None:
+    job_id = new_job([json.dumps(item(i)) for i in range(4)])
+    worker.handle(sqs_event([SplitInput(job_id=job_id, key=inline_key(job_id))], source_arn="chunks"), lambda_context())
+    first, second = queued(aws["chunks"])
+    store().claim(job_id, 1, attempt="other", lease_ms=60_000, now_ms=int(time.time() * 1000))
+    answer = worker.handle(sqs_event([first, second], source_arn="chunks"), lambda_context())
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m1"}]}  # busy: it comes back later
+    job = store().get(job_id)
+    assert job is not None
+    assert (job["succeeded"], job["chunks_done"]) == (2, 1)
+
+
+def test_the_worker_buries_dead_letters_and_the_job_ends(worker: Any, aws: dict[str, str]) -> None:
+    job_id = new_job([json.dumps(item(i)) for i in range(4)])
+    worker.handle(sqs_event([SplitInput(job_id=job_id, key=inline_key(job_id))], source_arn="chunks"), lambda_context())
+    first, second = queued(aws["chunks"])
+    worker.handle(sqs_event([first], source_arn="chunks"), lambda_context())
+    worker.handle(sqs_event([second], source_arn=aws["dead_arn"]), lambda_context())
+    job = store().get(job_id)
+    assert job is not None
+    assert (job["status"], job["succeeded"], job["failed"]) == ("failed", 2, 2)
+
+
+def test_a_split_in_the_dead_letter_queue_fails_its_job(worker: Any, aws: dict[str, str]) -> None:
+    job_id = new_job([json.dumps(item(0))])
+    worker.handle(
+        sqs_event([SplitInput(job_id=job_id, key=inline_key(job_id))], source_arn=aws["dead_arn"]), lambda_context()
+    )
+    job = store().get(job_id)
+    assert job is not None
+    assert job["status"] == "failed" and "could not be cut into chunks" in job["error"]
+    assert "finished_ms" in job  # nothing was sent: it ends at once
+
+
+def test_the_worker_refuses_to_start_without_its_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fanout.jobs.worker import Worker
+    from fanout.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="FANOUT_JOBS_TABLE, FANOUT_INPUT_BUCKET"):
+        Worker(Settings(), timeout_s=30)
+
+
+# --- the jobs routes, through the real handler --------------------------------------------------------------------
+
+
+@pytest.fixture
+def jobs_api(aws: dict[str, str], upstream: LocalUpstream, import_handler: Any) -> Any:
+    """The jobs function's handler (Mangum and the app), with the resources of `aws`."""
+    handler = import_handler(
+        FANOUT_UPSTREAMS=json.dumps({"up": {"url": upstream.url, "allow_http": True}}),
+        FANOUT_JOBS_TABLE=TABLE,
+        FANOUT_INPUT_BUCKET=INPUT,
+        FANOUT_RESULTS_BUCKET=RESULTS,
+        FANOUT_CHUNK_QUEUE_URL=aws["chunks"],
+        FANOUT_MAX_UPLOAD_BYTES="2048",
+    ).handler
+
+    def call(method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+        event = copy.deepcopy(load_event("batch-http-api-v2.json"))
+        event["routeKey"] = "$default"
+        event["rawPath"] = event["requestContext"]["http"]["path"] = path.partition("?")[0]
+        event["rawQueryString"] = path.partition("?")[2]
+        event["requestContext"]["http"]["method"] = method
+        event["body"] = None if body is None else (body if isinstance(body, str) else json.dumps(body))
+        event["isBase64Encoded"] = False
+        event.pop("pathParameters", None)
+        response = handler(event, lambda_context())
+        return response["statusCode"], json.loads(response["body"]), response.get("headers", {})
+
+    return call
+
+
+def drain(worker: Any, aws: dict[str, str]) -> None:
+    """What the event source mapping does: deliver the queue's messages to the worker until it is empty."""
+    while pending := queued(aws["chunks"]):
+        worker.handle(sqs_event(pending, source_arn="chunks"), lambda_context())
+
+
+def test_a_job_submitted_inline_runs_and_its_results_are_fetched(
+    jobs_api: Any, worker: Any, aws: dict[str, str]
+) -> None:
+    import requests
+
+    status, body, headers = jobs_api("POST", "/jobs", {"requests": [item(i) for i in range(5)], "concurrency": 4})
+    assert status == 202
+    job_id = body["job_id"]
+    assert body == {"job_id": job_id, "status": "queued", "status_url": f"/jobs/{job_id}"}
+    assert headers["location"] == f"/jobs/{job_id}"
+    assert jobs_api("GET", f"/jobs/{job_id}")[1]["status"] == "queued"
+    assert jobs_api("GET", f"/jobs/{job_id}/results")[0] == 409  # not ended: results are not complete
+
+    drain(worker, aws)
+    status, job, _ = jobs_api("GET", f"/jobs/{job_id}")
+    assert status == 200
+    assert {key: job[key] for key in ("status", "total", "succeeded", "failed", "skipped", "pending", "chunks")} == {
+        "status": "succeeded",
+        "total": 5,
+        "succeeded": 5,
+        "failed": 0,
+        "skipped": 0,
+        "pending": 0,
+        "chunks": 3,
+    }
+    assert job["targets"]["up"]["requests"] == 5 and job["items_per_s"] > 0
+    manifest = requests.get(job["results"]["manifest_url"], timeout=5).json()
+    assert (manifest["status"], len(manifest["chunks"])) == ("succeeded", 3)
+    page = jobs_api("GET", job["results"]["first_page"])[1]
+    assert page["next_page"] is None
+    lines = [json.loads(line) for url in page["urls"] for line in requests.get(url, timeout=5).text.splitlines()]
+    assert [line["id"] for line in lines] == [f"i{i}" for i in range(5)]
+    assert jobs_api("DELETE", f"/jobs/{job_id}")[0] == 409  # it has ended
+
+
+def test_a_job_from_an_uploaded_file(jobs_api: Any, worker: Any, aws: dict[str, str]) -> None:
+    import requests
+
+    status, upload, _ = jobs_api("POST", "/jobs/uploads")
+    assert status == 201 and upload["max_bytes"] == 2048
+    data = "\n".join(json.dumps(item(i)) for i in range(3)) + "\n"
+    assert requests.put(upload["upload_url"], data=data.encode(), timeout=5).status_code == 200
+    status, body, _ = jobs_api("POST", "/jobs", {"upload_id": upload["upload_id"]})
+    assert status == 202
+    drain(worker, aws)
+    job = jobs_api("GET", f"/jobs/{body['job_id']}")[1]
+    assert (job["status"], job["succeeded"]) == ("succeeded", 3)
+
+
+@pytest.mark.parametrize(
+    ("body", "where", "says"),
+    [
+        ({"requests": [item(0, target="nowhere")]}, ["body", "requests", 0, "target"], "unknown target"),
+        ({"requests": [item(0), item(0)]}, ["body"], "must be unique"),
+        ({"requests": [item(0)], "upload_id": "a" * 32}, ["body"], "not both"),
+        ({}, ["body"], "either requests"),
+        ({"upload_id": "../../etc"}, ["body", "upload_id"], "should match pattern"),
+        ({"upload_id": "b" * 32}, ["body", "upload_id"], "no file was uploaded"),
+        ({"requests": [item(0)], "targets": {"nowhere": {"rate_per_s": 5}}}, ["body", "targets", "nowhere"], "unknown"),
+        ({"requests": [item(0)], "targets": {"up": {"rate_per_s": -1}}}, ["body", "targets", "up", "rate_per_s"], ""),
+        ("[1, 2]", ["body"], "JSON object"),
+        ('{"requests": [NaN]}', ["body"], ""),
+    ],
+)
+def test_bad_submissions_are_a_422_naming_the_field(jobs_api: Any, body: Any, where: list[Any], says: str) -> None:
+    status, answer, _ = jobs_api("POST", "/jobs", body)
+    assert status == 422
+    assert any(error["loc"][: len(where)] == where and says in error["msg"] for error in answer["detail"]), answer
+
+
+def test_an_upload_over_the_limit_is_a_413(jobs_api: Any) -> None:
+    upload = jobs_api("POST", "/jobs/uploads")[1]
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.put_object(Bucket=INPUT, Key=f"uploads/{upload['upload_id']}.jsonl", Body=b"x" * 4096)
+    status, answer, _ = jobs_api("POST", "/jobs", {"upload_id": upload["upload_id"]})
+    assert status == 413 and "4096 bytes; at most 2048" in answer["detail"]
+
+
+def test_unknown_jobs_are_a_404_and_cancel_stops_a_job(jobs_api: Any, worker: Any, aws: dict[str, str]) -> None:
+    assert jobs_api("GET", "/jobs/" + "f" * 32)[0] == 404
+    assert jobs_api("GET", "/jobs/not-an-id")[0] == 404
+    assert jobs_api("DELETE", "/jobs/" + "f" * 32)[0] == 404
+    job_id = jobs_api("POST", "/jobs", {"requests": [item(i) for i in range(4)]})[1]["job_id"]
+    status, answer, _ = jobs_api("DELETE", f"/jobs/{job_id}")
+    assert (status, answer) == (202, {"job_id": job_id, "status": "cancelled"})
+    drain(worker, aws)
+    job = jobs_api("GET", f"/jobs/{job_id}")[1]
+    assert (job["status"], job["total"], job["finished_at"] is not None) == ("cancelled", 0, True)
