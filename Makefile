@@ -70,7 +70,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $@
 
-## make bench: every figure in benchmarks/results/ from one run (about 10 minutes)
+## make bench: every figure in benchmarks/results/ from one run (about 30 minutes: strategies, service, politeness, jobs)
 bench: $(VENV)/.bench-installed $(SAM_VENV)/.installed
 	cd benchmarks && FANOUT_SAM_CLI="$(CURDIR)/$(SAM_VENV)/bin/sam" $(SAM_ENV) ../$(VENV)/bin/python run.py
 

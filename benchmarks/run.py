@@ -257,6 +257,9 @@ def main() -> None:
         from politeness import healthy_cost, politeness_table
 
         polite = {"table": politeness_table(server.url, quick=args.quick), "healthy": healthy_cost(server.url)}
+        from jobs import jobs_through_the_local_stack
+
+        jobs = jobs_through_the_local_stack(server.url, quick=args.quick)
     with tls_upstream() as server:
         rows += tls_cold_and_warm(loop, server, [100, 1000])
     loop.close()
@@ -264,7 +267,7 @@ def main() -> None:
     from memory import memory_per_request
     from report import write_report
 
-    write_report(rows, service_rows, guard, memory_per_request(), cold_start(), _machine(), RESULTS, polite)
+    write_report(rows, service_rows, guard, memory_per_request(), cold_start(), _machine(), RESULTS, polite, jobs)
 
 
 def _machine() -> dict[str, Any]:

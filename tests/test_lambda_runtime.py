@@ -182,3 +182,79 @@ def test_a_seed_route_answers_before_lambdas_remaining_time_runs_out(
     assert took < 3  # Lambda would have ended the invocation at 3 s, and the caller got nothing
     assert body["status_codes"] == [None] * n
     assert body["errors"] == [{"index": i, "error": "DeadlineExceeded"} for i in range(n)]
+
+
+# --- the jobs worker, built, under the runtime client, against moto in server mode -----------------
+
+
+@pytest.fixture
+def aws_stack() -> Iterator[tuple[Any, dict[str, dict[str, str]]]]:
+    """moto's server with the template's table, buckets and queues, as `make run` makes them."""
+    from fanout_local.stack import LocalStack
+    from fanout_local.template import load_template, parameter_values
+
+    template = load_template(Path(__file__).resolve().parents[1] / "template.yaml")
+    stack = LocalStack(0)
+    stack.start()
+    try:
+        yield stack, stack.create(template, parameter_values(template, {"TargetUrl": "https://example.com"}))
+    finally:
+        stack.stop()
+
+
+def test_the_built_worker_runs_a_job_from_its_sqs_events(
+    start: Any, upstream: LocalUpstream, aws_stack: tuple[Any, dict[str, dict[str, str]]]
+) -> None:
+    from fanout.jobs.files import JobFiles, inline_key
+    from fanout.jobs.messages import SplitInput, decode, encode
+    from fanout.jobs.store import JobStore
+
+    stack, resources = aws_stack
+    env = {
+        **stack.environment(),
+        "FANOUT_UPSTREAMS": upstreams(upstream),
+        "FANOUT_ALLOW_PRIVATE_NETWORKS": "true",
+        "FANOUT_JOBS_TABLE": resources["JobsTable"]["Ref"],
+        "FANOUT_INPUT_BUCKET": resources["InputBucket"]["Ref"],
+        "FANOUT_RESULTS_BUCKET": resources["ResultsBucket"]["Ref"],
+        "FANOUT_CHUNK_QUEUE_URL": resources["ChunkQueue"]["Ref"],
+        "FANOUT_DEAD_LETTER_QUEUE_ARN": resources["ChunkDeadLetterQueue"]["Arn"],
+        "FANOUT_CHUNK_ITEMS": "3",
+        "FANOUT_WORKER_TIMEOUT_S": "30",
+        "FANOUT_CHUNK_VISIBILITY_TIMEOUT_S": "180",
+    }
+    function = start("WorkerFunction", **env)
+    job_id = "e" * 32
+    files = JobFiles(stack.client("s3"), input_bucket=env["FANOUT_INPUT_BUCKET"], results_bucket="", url_ttl_s=60)
+    lines = [{"id": f"w{i}", "target": "up", "path": "/delay", "query": {"ms": 1}} for i in range(7)]
+    files.put_input(inline_key(job_id), "".join(json.dumps(line) + "\n" for line in lines).encode())
+    store = JobStore(stack.client("dynamodb"), env["FANOUT_JOBS_TABLE"], retention_days=1)
+    store.create(job_id, input_key=inline_key(job_id), spec={}, now_ms=int(time.time() * 1000))
+    sqs, queue = stack.client("sqs"), env["FANOUT_CHUNK_QUEUE_URL"]
+
+    def deliver(bodies: list[str]) -> Any:
+        event = load_event("worker-sqs.json")
+        record = event["Records"][0]
+        event["Records"] = [
+            {**record, "messageId": f"m{i}", "body": body, "eventSourceARN": resources["ChunkQueue"]["Arn"]}
+            for i, body in enumerate(bodies)
+        ]
+        invocation = function.api.invoke(event, timeout_s=30)
+        assert invocation.outcome == "response", invocation.payload[:500]
+        return invocation.json()
+
+    assert deliver([encode(SplitInput(job_id=job_id, key=inline_key(job_id)))]) == {"batchItemFailures": []}
+    chunks = [m["Body"] for m in sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]]
+    assert sorted(decode(body).items for body in chunks) == [1, 3, 3]  # type: ignore[union-attr]
+    assert deliver(chunks) == {"batchItemFailures": []}  # three records of one batch, on one loop
+    job = store.get(job_id)
+    assert job is not None
+    assert (job["status"], job["succeeded"], job["requests"]) == ("succeeded", 7, {"up": 7})
+
+
+def test_a_worker_without_its_resources_is_an_init_error_naming_them(start: Any) -> None:
+    function = start("WorkerFunction")
+    assert function.api.init_failed.wait(30)
+    assert function.api.init_error is not None
+    assert function.api.init_error["errorType"] == "ConfigError"
+    assert "FANOUT_JOBS_TABLE" in function.api.init_error["errorMessage"]
