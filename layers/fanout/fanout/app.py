@@ -17,14 +17,14 @@ from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fanout.batch import BatchRunner
 from fanout.batch_api import add_batch_route, batch_schemas
 from fanout.budget import call_budget_s
 from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Outcome, Strategy, fan_out
 from fanout.observability import CallReport, Telemetry, UpstreamRecord, call_span, traced_attempt
-from fanout.politeness import Politeness, retry_after_seconds
+from fanout.politeness import retry_after_seconds
+from fanout.runner import build_runner
 from fanout.settings import Settings, load_settings
-from fanout.transports import AiohttpTransport, make_transport
+from fanout.transports import AiohttpTransport
 
 _DESCRIBED = {
     Strategy.SYNC: "synchronously",
@@ -43,27 +43,8 @@ def create_app(
     """Build the app for one function; settings and telemetry come from the environment unless given."""
     settings = settings or load_settings()
     telemetry = telemetry or Telemetry.from_env()
-    transport = transport or make_transport(
-        settings.transport,
-        max_connections=settings.max_concurrency,
-        timeout_s=settings.request_timeout_s,
-        max_per_host=settings.max_per_host,
-        allow_private=settings.allow_private_networks,
-    )
-    politeness = Politeness(
-        ceiling=settings.max_concurrency,
-        max_in_flight={name: t.max_in_flight for name, t in settings.upstreams.items() if t.max_in_flight},
-        rate_per_s={name: t.rate_per_s for name, t in settings.upstreams.items() if t.rate_per_s},
-        circuit_failures=settings.circuit_failures,
-        circuit_cool_down_s=settings.circuit_cool_down_s,
-    )
-    runner = BatchRunner(
-        transport,
-        max_attempts=settings.max_attempts,
-        max_item_bytes=settings.max_item_bytes,
-        rate_per_s=settings.rate_per_s,
-        politeness=politeness,
-    )
+    runner = build_runner(settings, transport)
+    transport, politeness = runner.transport, runner.politeness
     target = str(settings.target_url)
     target_path = urlsplit(target).path or "/"
     app = FastAPI(title="fanout", summary="Fan one call out to many upstream requests, bounded.")

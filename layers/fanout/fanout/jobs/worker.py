@@ -12,24 +12,20 @@ job, so that no job waits forever for a chunk that will never run.
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.batch import AsyncBatchProcessor, EventType, async_process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
-from fanout.batch import BatchRunner
 from fanout.budget import call_budget_s
 from fanout.jobs.chunk import ChunkContext, bury_chunk, finish_if_done, now_ms, run_chunk
 from fanout.jobs.files import JobFiles
 from fanout.jobs.messages import SplitInput, decode
 from fanout.jobs.split import SplitQueue, split_input
 from fanout.jobs.store import JobStore
-from fanout.politeness import Politeness
+from fanout.runner import build_runner
 from fanout.settings import ConfigError, Settings, load_settings
-from fanout.transports import make_transport
 
 DEAD_LETTER_REASON = "the chunk failed on every delivery and was moved to the dead-letter queue"
 REQUIRED = ("jobs_table", "input_bucket", "results_bucket", "chunk_queue_url", "dead_letter_queue_arn")
@@ -43,27 +39,7 @@ class Worker:
         if missing:
             raise ConfigError(f"Invalid configuration: the worker needs {', '.join(missing)} (set by template.yaml)")
         self.settings = settings
-        transport = make_transport(
-            settings.transport,
-            max_connections=settings.max_concurrency,
-            timeout_s=settings.request_timeout_s,
-            max_per_host=settings.max_per_host,
-            allow_private=settings.allow_private_networks,
-        )
-        politeness = Politeness(
-            ceiling=settings.max_concurrency,
-            max_in_flight={name: t.max_in_flight for name, t in settings.upstreams.items() if t.max_in_flight},
-            rate_per_s={name: t.rate_per_s for name, t in settings.upstreams.items() if t.rate_per_s},
-            circuit_failures=settings.circuit_failures,
-            circuit_cool_down_s=settings.circuit_cool_down_s,
-        )
-        runner = BatchRunner(
-            transport,
-            max_attempts=settings.max_attempts,
-            max_item_bytes=settings.max_item_bytes,
-            rate_per_s=settings.rate_per_s,
-            politeness=politeness,
-        )
+        runner = build_runner(settings)
         self.sqs = boto3.client("sqs")
         self.context = ChunkContext(
             settings=settings,
@@ -75,11 +51,10 @@ class Worker:
                 url_ttl_s=settings.results_url_ttl_s,
             ),
             runner=runner,
-            politeness=politeness,
+            politeness=runner.politeness,
             lease_s=timeout_s,
         )
         self.processor = AsyncBatchProcessor(event_type=EventType.SQS)
-        self.logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME") or "fanout")
 
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         self._lambda_context = context
