@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -61,8 +62,53 @@ def create_resources() -> dict[str, str]:
     return {"chunks": chunks, "dead": dead, "dead_arn": dead_arn}
 
 
+def one_dynamodb_request_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process moto, with each DynamoDB request atomic as on AWS: what
+    fanout_local.stack.OneDynamoDBRequestAtATime does for moto's server (the worker commits
+    chunks from threads, and moto alone can lose or undo one of two concurrent updates)."""
+    from moto.core.botocore_stubber import BotocoreStubber
+
+    lock = threading.Lock()
+    process = BotocoreStubber.process_request
+
+    def one_at_a_time(stubber: BotocoreStubber, request: Any) -> Any:
+        target = request.headers.get("X-Amz-Target", b"")
+        if not (target.decode() if isinstance(target, bytes) else target).startswith("DynamoDB_"):
+            return process(stubber, request)
+        with lock:
+            return process(stubber, request)
+
+    monkeypatch.setattr(BotocoreStubber, "process_request", one_at_a_time)
+
+
+def commit_chunks_at_once(dynamodb: Callable[[], Any], chunks: int) -> tuple[int, int, int]:
+    """`chunks` chunks of one job committed from as many threads, each also tried by an attempt
+    that no longer holds it (a cancelled transaction): (chunks_done, succeeded, chunks in state done)."""
+    store = JobStore(dynamodb(), TABLE, retention_days=1)
+    now = int(time.time() * 1000)
+    store.create("j" * 32, input_key="k", spec={}, now_ms=now)
+    for index in range(chunks):
+        assert store.claim("j" * 32, index, attempt=f"a{index}", lease_ms=60_000, now_ms=now) is Claim.CLAIMED
+
+    def commit(index: int) -> None:
+        own = JobStore(dynamodb(), TABLE, retention_days=1)
+        for attempt in (f"a{index}", "lost-its-lease"):
+            own.commit("j" * 32, index, attempt=attempt, results_key="r", counts=ChunkCounts(succeeded=1), now_ms=now)
+
+    threads = [threading.Thread(target=commit, args=(index,)) for index in range(chunks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    job = store.get("j" * 32)
+    assert job is not None
+    done = sum(chunk["state"] == "done" for chunk in store.chunks("j" * 32))
+    return int(job["chunks_done"]), int(job["succeeded"]), done
+
+
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    one_dynamodb_request_at_a_time(monkeypatch)
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -71,6 +117,27 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
         monkeypatch.setenv(name, value)
     with mock_aws():
         yield create_resources()
+
+
+def test_chunks_that_finish_together_are_each_counted_once_in_process(aws: dict[str, str]) -> None:
+    assert commit_chunks_at_once(lambda: boto3.client("dynamodb", region_name=REGION), 40) == (40, 40, 40)
+
+
+def test_chunks_that_finish_together_are_each_counted_once_on_the_local_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same boto3 code against the moto server `make run` starts (a job stuck in `running` otherwise)."""
+    from fanout_local.stack import LocalStack
+
+    stack = LocalStack()
+    stack.start()
+    try:
+        for name, value in stack.environment().items():
+            monkeypatch.setenv(name, value)
+        create_resources()
+        assert commit_chunks_at_once(lambda: boto3.client("dynamodb", region_name=REGION), 40) == (40, 40, 40)
+    finally:
+        stack.stop()
 
 
 def settings_for(upstream: LocalUpstream, aws: dict[str, str], **more: Any) -> Settings:
@@ -469,7 +536,8 @@ def jobs_api(aws: dict[str, str], upstream: LocalUpstream, import_handler: Any) 
 def drain(worker: Any, aws: dict[str, str]) -> None:
     """What the event source mapping does: deliver the queue's messages to the worker until it is empty."""
     while pending := queued(aws["chunks"]):
-        worker.handle(sqs_event(pending, source_arn="chunks"), lambda_context())
+        answer = worker.handle(sqs_event(pending, source_arn="chunks"), lambda_context())
+        assert answer == {"batchItemFailures": []}, (pending, answer)
 
 
 def test_a_job_submitted_inline_runs_and_its_results_are_fetched(
@@ -498,6 +566,7 @@ def test_a_job_submitted_inline_runs_and_its_results_are_fetched(
         "chunks": 3,
     }
     assert job["targets"]["up"]["requests"] == 5 and job["items_per_s"] > 0
+    assert job["created_at"] <= job["started_at"] <= job["updated_at"] == job["finished_at"]
     manifest = requests.get(job["results"]["manifest_url"], timeout=5).json()
     assert (manifest["status"], len(manifest["chunks"])) == ("succeeded", 3)
     page = jobs_api("GET", job["results"]["first_page"])[1]

@@ -175,6 +175,9 @@ def test_every_route_answers_through_sam_local(start_api: str, local_upstream: L
         ("GET", "/nowhere", None, 404, "Not Found"),
         ("DELETE", "/batch", None, 405, "Method Not Allowed"),
         ("POST", "/sync/3", None, 405, "Method Not Allowed"),
+        # the jobs routes start under sam local too; what needs no AWS call answers as deployed
+        ("POST", "/jobs", b'{"requests": [{"id": "a", "target": "nope"}]}', 422, "target: unknown target"),
+        ("GET", "/jobs/not-a-job", None, 404, "no job not-a-job"),
     ],
 )
 def test_bad_input_and_unknown_routes_answer_as_on_aws(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import boto3
@@ -24,14 +25,31 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "
 TABLE, BUCKET, QUEUE = "AWS::DynamoDB::Table", "AWS::S3::Bucket", "AWS::SQS::Queue"
 
 
+class OneDynamoDBRequestAtATime:
+    """DynamoDB applies each request atomically; moto does not. Two updates at once can lose an
+    ADD, and a cancelled transaction puts back the whole table as it was when it began, undoing
+    what other requests wrote meanwhile (moto 5.2.5): the job counts of chunks that finish
+    together would drift and a job would never end. So DynamoDB requests run one at a time
+    here; SQS and S3 do not wait behind them (a long poll holds its request for seconds)."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if not environ.get("HTTP_X_AMZ_TARGET", "").startswith("DynamoDB_"):
+            return self.app(environ, start_response)
+        with self.lock:
+            return self.app(environ, start_response)
+
+
 class LocalStack:
     """moto's server on 127.0.0.1:`port` (0: a free port), and the template's resources in it."""
 
     def __init__(self, port: int = 0) -> None:
-        from moto.server import ThreadedMotoServer  # only `make run` and the tests need flask
-
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self.port = port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"LocalStack({self.endpoint})"
@@ -41,12 +59,24 @@ class LocalStack:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        # What moto's ThreadedMotoServer serves, with DynamoDB made atomic; only `make run` and
+        # the tests import flask and werkzeug.
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per AWS call on the console
-        self._server.start()
-        self.port = self._server.get_host_and_port()[1]
+        app = OneDynamoDBRequestAtATime(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server("127.0.0.1", self.port, app, threaded=True, request_handler=MotoRequestHandler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="moto", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        self._server.stop()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
 
     def environment(self) -> dict[str, str]:
         """What a function needs to reach this stack with unchanged boto3 code."""

@@ -167,6 +167,7 @@ class JobsApi:
             "chunks": job.get("chunks"),
             "chunks_done": job["chunks_done"],
             "created_at": _iso(job["created_ms"]),
+            "started_at": _iso(job.get("started_ms")),
             "updated_at": _iso(job["updated_ms"]),
             "finished_at": _iso(job.get("finished_ms")),
             "items_per_s": round(done / elapsed_s, 1),

@@ -141,7 +141,20 @@ class JobStore:
 
     def start(self, job_id: str, now_ms: int) -> bool:
         """queued -> running (the split has begun); False if it is not queued (cancelled, or begun)."""
-        return self._update_status(job_id, JobStatus.RUNNING, expected=JobStatus.QUEUED, now_ms=now_ms)
+        try:
+            self.db.update_item(
+                TableName=self.table,
+                Key=_job_key(job_id),
+                UpdateExpression="SET #status = :running, started_ms = :now, updated_ms = :now",
+                ConditionExpression="#status = :queued",
+                ExpressionAttributeNames={"#status": "status"},
+                ExpressionAttributeValues=_values(
+                    running=JobStatus.RUNNING.value, queued=JobStatus.QUEUED.value, now=now_ms
+                ),
+            )
+        except self.db.exceptions.ConditionalCheckFailedException:
+            return False
+        return True
 
     def cancel(self, job_id: str, now_ms: int) -> bool:
         """Stop starting chunks; False if the job had ended already."""
