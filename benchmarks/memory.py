@@ -1,8 +1,11 @@
-"""Memory per request: peak RSS growth of one gather call, each N in a fresh process.
+"""Memory per request: peak RSS growth of one gather call, each N in a fresh process; and the
+heap a queued request costs under the semaphore strategy (k=100), where N - k wait their turn.
 
 Growth is measured from after a small warm-up call to the peak of the big call
 (VmHWM), so imports and the pool's connections are not counted; the slope
-between sizes is the cost of one more request in flight or queued.
+between sizes is the cost of one more request in flight or queued. The queued cost is
+tracemalloc's peak during the call, as a slope between N=1000 and N=5000 (the k in
+flight cost the same at both).
 """
 
 from __future__ import annotations
@@ -36,6 +39,28 @@ async def main(url, n):
 
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
+QUEUED_SIZES = [1000, 5000]
+QUEUED_PROBE = """
+import asyncio, sys, tracemalloc
+from fanout.engine import Strategy, fan_out
+from fanout.transports import make_transport
+
+async def main(url, n):
+    transport = make_transport("aiohttp", max_connections=100, timeout_s=10, allow_private=True)
+    async def send(_i):
+        return (await transport.get_status(url))[0]
+    await fan_out(send, n=200, strategy=Strategy.SEMAPHORE, concurrency=100, deadline_s=60)
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    result = await fan_out(send, n=n, strategy=Strategy.SEMAPHORE, concurrency=100, deadline_s=60)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    await transport.aclose()
+    print(peak - before, sum(o.value != 200 for o in result.outcomes))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
 
 
 def memory_per_request() -> dict[str, object]:
@@ -50,8 +75,25 @@ def memory_per_request() -> dict[str, object]:
                 check=True,
             ).stdout.split()
             growth[n], failed[n] = int(out[0]), int(out[1])
+        heap: dict[int, int] = {}
+        for n in QUEUED_SIZES:
+            out = subprocess.run(
+                [sys.executable, "-c", QUEUED_PROBE, f"{server.url}/delay?ms=50", str(n)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            heap[n] = int(out[0])
+            failed[n] = failed.get(n, 0) + int(out[1])
     slope = (growth[SIZES[-1]] - growth[SIZES[0]]) / (SIZES[-1] - SIZES[0])
-    return {"growth_bytes": growth, "failed": failed, "bytes_per_request": slope}
+    queued = (heap[QUEUED_SIZES[-1]] - heap[QUEUED_SIZES[0]]) / (QUEUED_SIZES[-1] - QUEUED_SIZES[0])
+    return {
+        "growth_bytes": growth,
+        "failed": failed,
+        "bytes_per_request": slope,
+        "queued_heap_bytes": heap,
+        "heap_bytes_per_queued_request": queued,
+    }
 
 
 if __name__ == "__main__":

@@ -236,6 +236,40 @@ def jobs_table(jobs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def cpu_targets(cpu: dict[str, Any], memory: dict[str, Any]) -> list[str]:
+    handler = cpu["handler"]["ratio_median"]
+    queued = memory.get("heap_bytes_per_queued_request", 0.0) / 1024
+    return [
+        target_row(
+            f"client CPU per request at most 0.5x raw aiohttp (N={cpu['n']}, k={cpu['k']}, paired rounds)",
+            f"{handler:.2f}x",
+            handler <= 0.5,
+        ),
+        target_row("heap per queued request at most 0.3 KB (semaphore, k=100)", f"{queued:.2f} KB", queued <= 0.3),
+    ]
+
+
+def cpu_table(cpu: dict[str, Any]) -> list[str]:
+    names = [name for name in cpu if isinstance(cpu[name], dict) and "ratio_median" in cpu[name]]
+    return [
+        f"## Client CPU per request (semaphore, N={cpu['n']}, k={cpu['k']}, 0 ms upstream, {cpu['rounds']} rounds)",
+        "",
+        "One warm process per configuration; each round runs them in a shuffled order; the ratio is to raw "
+        "aiohttp's CPU in the same round.",
+        "",
+        "| configuration | µs per request (median) | x raw aiohttp: median (IQR) |",
+        "|---|---|---|",
+        *[
+            f"| {name} | {cpu[name]['us_per_request']:.0f} | {cpu[name]['ratio_median']:.2f} "
+            f"({cpu[name]['ratio_iqr'][0]:.2f}-{cpu[name]['ratio_iqr'][1]:.2f}) |"
+            for name in names
+        ],
+        "",
+        f"Failed requests: {sum(cpu['failed'].values())}.",
+        "",
+    ]
+
+
 def write_report(
     rows: list[Any],
     service: list[dict[str, Any]],
@@ -246,6 +280,7 @@ def write_report(
     out: Path,
     polite: dict[str, Any] | None = None,
     jobs: list[dict[str, Any]] | None = None,
+    cpu: dict[str, Any] | None = None,
 ) -> None:
     from run import rows_to_json
 
@@ -283,7 +318,9 @@ def write_report(
             if jobs
             else []
         ),
+        *(cpu_targets(cpu, memory) if cpu else []),
         "",
+        *(cpu_table(cpu) if cpu else []),
         "## Cold start (median of 10 fresh interpreters, `import app` from the built artifacts)",
         "",
         "| build | import ms: median (min-max) | x hello-world |",
@@ -303,6 +340,11 @@ def write_report(
         *[f"| {n} | {b / 2**20:.1f} MB | {memory['failed'][n]} |" for n, b in memory["growth_bytes"].items()],
         "",
         f"About {memory['bytes_per_request'] / 1024:.1f} KB per request (slope between the smallest and largest N).",
+        "",
+        "Semaphore, k=100, 50 ms upstream: heap peak during the call (tracemalloc) "
+        + ", ".join(f"N={n}: {b / 2**20:.2f} MB" for n, b in memory.get("queued_heap_bytes", {}).items())
+        + f"; about {memory.get('heap_bytes_per_queued_request', 0) / 1024:.2f} KB per queued request "
+        "(the engine's k workers take the next index: a queued request is an int, not a waiting task).",
         "",
         "## Through the service (semaphore, k=100, aiohttp transport)",
         "",
@@ -339,6 +381,7 @@ def write_report(
                 "cold_start": cold,
                 "politeness": polite,
                 "jobs": jobs,
+                "cpu": cpu,
             },
             indent=1,
             default=str,
@@ -353,9 +396,8 @@ def rerender(results_json: Path) -> None:
     data = json.loads(results_json.read_text())
     fields = set(Row.__dataclass_fields__)
     rows = [Row(**{key: value for key, value in row.items() if key in fields}) for row in data["matrix"]]
-    memory = data["memory"] | {
-        key: {int(n): v for n, v in data["memory"][key].items()} for key in ("growth_bytes", "failed")
-    }
+    by_n = [key for key in ("growth_bytes", "failed", "queued_heap_bytes") if key in data["memory"]]
+    memory = data["memory"] | {key: {int(n): v for n, v in data["memory"][key].items()} for key in by_n}
     write_report(
         rows,
         data["service"],
@@ -366,6 +408,7 @@ def rerender(results_json: Path) -> None:
         results_json.parent,
         data.get("politeness"),
         data.get("jobs"),
+        data.get("cpu"),
     )
 
 

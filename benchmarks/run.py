@@ -257,6 +257,9 @@ def main() -> None:
         from politeness import healthy_cost, politeness_table
 
         polite = {"table": politeness_table(server.url, quick=args.quick), "healthy": healthy_cost(server.url)}
+        from cpu import cpu_per_request
+
+        cpu = cpu_per_request(server.url, rounds=4 if args.quick else 15)
         from jobs import jobs_through_the_local_stack
 
         jobs = jobs_through_the_local_stack(server.url, quick=args.quick)
@@ -267,7 +270,7 @@ def main() -> None:
     from memory import memory_per_request
     from report import write_report
 
-    write_report(rows, service_rows, guard, memory_per_request(), cold_start(), _machine(), RESULTS, polite, jobs)
+    write_report(rows, service_rows, guard, memory_per_request(), cold_start(), _machine(), RESULTS, polite, jobs, cpu)
 
 
 def _machine() -> dict[str, Any]:

@@ -86,7 +86,11 @@ async def fan_out(
         raise ValueError(f"n={n}, concurrency={concurrency} and deadline_s={deadline_s} must be positive")
     outcomes: list[Outcome[T] | None] = [None] * n
     started: list[bool] = [False] * n
-    limiter = asyncio.Semaphore(concurrency) if strategy is Strategy.SEMAPHORE else None
+    # Workers pulling the next index, not a task per call: a queued call is an int in a range, not
+    # a coroutine waiting on a semaphore (about 0.2 KB instead of 1.5 KB of heap each, and less
+    # for the collector to walk). SEMAPHORE runs `concurrency` of them, GATHER one per call.
+    workers = 1 if strategy is Strategy.SYNC else n if strategy is Strategy.GATHER else min(n, concurrency)
+    pending = iter(range(n))
 
     async def run_one(index: int) -> None:
         if stop is not None and stop.is_set():
@@ -101,11 +105,13 @@ async def fan_out(
             outcome = Outcome(error=DEADLINE_EXCEEDED)  # cut by the deadline, whatever the client called it
         outcomes[index] = outcome
 
-    async def bounded(index: int) -> None:
-        if limiter is None:
-            return await run_one(index)
-        async with limiter:
-            return await run_one(index)
+    async def work() -> None:
+        for index in pending:
+            await run_one(index)
+            if stop is not None:
+                # Let the calls that ended in the same tick record their outcomes (and set `stop`)
+                # before this worker starts another, as a semaphore's next waiter would.
+                await asyncio.sleep(0)
 
     begun = time.perf_counter()
     # asyncio.timeout cancels what is in flight at the deadline. A client whose own timer fires
@@ -114,11 +120,10 @@ async def fan_out(
     ends = time.monotonic() + deadline_s
     try:
         async with asyncio.timeout(deadline_s):
-            if strategy is Strategy.SYNC:
-                for index in range(n):
-                    await run_one(index)
+            if workers == 1:
+                await work()
             else:
-                await asyncio.gather(*(bounded(index) for index in range(n)))
+                await asyncio.gather(*(work() for _ in range(workers)))
     except TimeoutError:
         pass  # what did not finish is reported below, not lost
     elapsed = time.perf_counter() - begun

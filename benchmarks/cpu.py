@@ -1,0 +1,139 @@
+"""Client CPU per request: the real handler against raw aiohttp, as paired ratios.
+
+One warm process per configuration, all alive at once; each round runs every
+configuration once in a shuffled order, and each configuration's CPU in a round is
+divided by raw aiohttp's in the same round, so drift on this shared machine hits
+both sides of a ratio alike. Reported: the median and the interquartile range of
+those ratios, and the median microseconds per request. Semaphore, N=2000, k=100,
+a 0 ms upstream in its own process (its CPU is not counted).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+N, K, ROUNDS = 2000, 100, 15
+CONFIGURATIONS = ["aiohttp", "aiohttp+uvloop", "handler", "handler+uvloop"]
+
+#: A configuration's process: warm up, then one round per line on stdin; answers on lines that begin
+#: with "@@" (the handler's own log and metric lines share stdout, as on Lambda).
+WORKER = """
+import asyncio, copy, importlib.util, json, os, sys, time
+name, url, n, k, root = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+if name.endswith("+uvloop"):
+    import uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+if name.startswith("handler"):
+    os.environ.update({"FANOUT_TARGET_URL": url, "FANOUT_MAX_CONCURRENCY": str(k),
+                       "FANOUT_MAX_REQUESTS": str(n), "FANOUT_ALLOW_PRIVATE_NETWORKS": "true"})
+    sys.path.insert(0, os.path.join(root, "local"))
+    from fanout_local.worker import LocalContext
+    spec = importlib.util.spec_from_file_location("entry", os.path.join(root, "functions/api/app.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    event = json.load(open(os.path.join(root, "events/async_sem-http-api-v2.json")))
+    event["rawPath"] = event["requestContext"]["http"]["path"] = f"/async_sem/{n}/{k}"
+    event["pathParameters"] = {"n": str(n), "k": str(k)}
+
+    def one_round():
+        response = module.handler(copy.deepcopy(event), LocalContext(function_name="bench", timeout_s=60))
+        if response["statusCode"] != 200:
+            sys.exit(f"the handler answered {response['statusCode']}: {response['body'][:300]}")
+        return json.loads(response["body"])["failed"]
+else:
+    import aiohttp
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    session = None
+
+    async def call():
+        global session
+        if session is None:
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=k))
+        limit = asyncio.Semaphore(k)
+
+        async def get():
+            async with limit, session.get(url) as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(get() for _ in range(n)))
+        return sum(1 for s in statuses if s != 200)
+
+    def one_round():
+        return loop.run_until_complete(call())
+
+one_round()
+print("@@ ready", flush=True)
+for _ in sys.stdin:
+    cpu0 = time.process_time()
+    failed = one_round()
+    print("@@", time.process_time() - cpu0, failed, flush=True)
+if not name.startswith("handler"):
+    loop.run_until_complete(session.close())
+"""
+
+
+def _answer(process: subprocess.Popen[str]) -> list[str]:
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("@@"):
+            return line.split()[1:]
+    raise RuntimeError(f"a configuration's process ended (exit {process.wait()})")
+
+
+def cpu_per_request(upstream_url: str, *, rounds: int = ROUNDS) -> dict[str, object]:
+    url = f"{upstream_url}/delay?ms=0"
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", WORKER, name, url, str(N), str(K), str(ROOT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in CONFIGURATIONS
+    }
+    cpu: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
+    failed = dict.fromkeys(CONFIGURATIONS, 0)
+    try:
+        for process in processes.values():
+            assert _answer(process) == ["ready"]
+        for _ in range(rounds):
+            order = random.sample(CONFIGURATIONS, len(CONFIGURATIONS))
+            for name in order:
+                process = processes[name]
+                assert process.stdin is not None and process.stdout is not None
+                process.stdin.write("go\n")
+                process.stdin.flush()
+                seconds, failures = _answer(process)
+                cpu[name].append(float(seconds))
+                failed[name] += int(failures)
+    finally:
+        for process in processes.values():
+            if process.stdin is not None:
+                process.stdin.close()
+            process.wait(timeout=30)
+    out: dict[str, object] = {"n": N, "k": K, "rounds": rounds, "failed": failed}
+    for name in CONFIGURATIONS:
+        ratios = [mine / base for mine, base in zip(cpu[name], cpu["aiohttp"], strict=True)]
+        quartiles = statistics.quantiles(ratios, n=4)
+        out[name] = {
+            "us_per_request": statistics.median(cpu[name]) / N * 1e6,
+            "ratio_median": statistics.median(ratios),
+            "ratio_iqr": [quartiles[0], quartiles[2]],
+        }
+        print(f"cpu {name:<16} {statistics.median(cpu[name]) / N * 1e6:6.0f} us/req  {statistics.median(ratios):.2f}x")
+    return out
+
+
+if __name__ == "__main__":
+    from servers import http1_upstream
+
+    with http1_upstream() as server:
+        print(cpu_per_request(server.url, rounds=4))
