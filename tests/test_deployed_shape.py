@@ -455,6 +455,8 @@ def granted(resources: dict[str, Any], role: str) -> dict[str, set[str]]:
 
 
 def test_the_jobs_roles_reach_only_their_own_table_buckets_and_queues(resources: dict[str, Any]) -> None:
+    """Least privilege; the worker lists only the results prefix (a HEAD of a missing object is a 404
+    with s3:ListBucket, a 403 without it)."""
     table = json.dumps({"Fn::GetAtt": ["JobsTable", "Arn"]})
     queue = json.dumps({"Fn::GetAtt": ["ChunkQueue", "Arn"]})
     dead = json.dumps({"Fn::GetAtt": ["ChunkDeadLetterQueue", "Arn"]})
@@ -476,14 +478,22 @@ def test_the_jobs_roles_reach_only_their_own_table_buckets_and_queues(resources:
         "dynamodb:Query": {table},
         "dynamodb:BatchGetItem": {table},
         "dynamodb:ConditionCheckItem": {table},
-        "s3:GetObject": inputs,
+        "s3:GetObject": inputs | results,
         "s3:PutObject": results,
+        "s3:ListBucket": {json.dumps({"Fn::GetAtt": ["ResultsBucket", "Arn"]})},
         "sqs:SendMessage": {queue},
         "sqs:ReceiveMessage": {queue, dead},
         "sqs:DeleteMessage": {queue, dead},
         "sqs:GetQueueAttributes": {queue, dead},
         "sqs:ChangeMessageVisibility": {queue, dead},
     }
+    (listing,) = [
+        statement
+        for policy in of_type(resources, "AWS::IAM::Role")["WorkerFunctionRole"]["Policies"]
+        for statement in policy["PolicyDocument"]["Statement"]
+        if statement["Action"] == ["s3:ListBucket"]
+    ]
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["results/*"]}}
 
 
 # --- the same stack in moto, read back through boto3 ------------------------------------------

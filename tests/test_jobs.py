@@ -339,6 +339,42 @@ def test_a_chunk_held_by_a_live_lease_is_busy_and_one_whose_lease_ran_out_is_tak
     assert jobs.chunk(job_id, 0)["results_key"] == "c"  # type: ignore[index]
 
 
+def test_a_chunk_whose_results_were_written_before_its_attempt_died_is_recorded_without_sending_again(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
+) -> None:
+    job_id = new_job([json.dumps(item(i)) for i in range(3)])
+    (chunk,) = split(job_id, aws)
+    chunks_on(run_chunk, chunk, budget_s=10)
+    sent = upstream.stats.requests
+    # as if that attempt had died between writing its results and recording the chunk
+    table = boto3.client("dynamodb", region_name=REGION)
+    table.delete_item(TableName=TABLE, Key={"pk": {"S": f"job#{job_id}"}, "sk": {"S": "chunk#0000000"}})
+    table.update_item(
+        TableName=TABLE,
+        Key={"pk": {"S": f"job#{job_id}"}, "sk": {"S": "job"}},
+        UpdateExpression="SET chunks_done = :zero, succeeded = :zero REMOVE finished_ms",
+        ExpressionAttributeValues={":zero": {"N": "0"}},
+    )
+    chunks_on(run_chunk, chunk, budget_s=10)  # the message came back after its visibility timeout
+
+    job = store().get(job_id)
+    assert job is not None
+    assert upstream.stats.requests == sent  # the written results were recorded, not sent for again
+    assert (job["succeeded"], job["chunks_done"]) == (3, 1)
+    assert store().chunk(job_id, 0)["results_key"] == f"results/{job_id}/chunks/0000000.jsonl"  # type: ignore[index]
+
+
+def test_a_chunk_results_file_is_written_once_and_a_later_writer_gets_its_counts(aws: dict[str, str]) -> None:
+    key = "results/" + "0" * 32 + "/chunks/0000000.jsonl"
+    first = files().put_results_once(key, ['{"id":"a"}'], ChunkCounts(succeeded=1, requests={"up": 1}))
+    late = files().put_results_once(key, ['{"id":"b"}'], ChunkCounts(failed=1, requests={"up": 2}))
+    assert first == ChunkCounts(succeeded=1, requests={"up": 1})
+    assert late == ChunkCounts(succeeded=1, requests={"up": 2})  # the file's counts, the requests it sent
+    body = boto3.client("s3", region_name=REGION).get_object(Bucket=RESULTS, Key=key)["Body"].read()
+    assert body == b'{"id":"a"}\n'
+    assert files().results_counts(key.replace("0000000", "0000001")) is None
+
+
 def test_run_chunk_raises_busy_while_another_attempt_holds_the_chunk(
     aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
 ) -> None:
@@ -364,6 +400,23 @@ def test_a_buried_chunk_reports_its_items_failed_and_fails_the_job(
     results = results_of(job_id)
     assert [line["id"] for line in results] == ["i0", "i1", "i2", "i3", "i4"]
     assert [line["error"]["type"] for line in results[3:]] == [CHUNK_FAILED, CHUNK_FAILED]
+
+
+def test_a_buried_chunk_whose_results_were_written_keeps_them(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
+) -> None:
+    """An attempt wrote the chunk's results and never recorded it (and every redelivery failed to):
+    the dead-letter queue's record counts what the file holds, not its items as failed."""
+    job_id = new_job([json.dumps(item(i)) for i in range(2)])
+    (chunk,) = split(job_id, aws)
+    key = f"results/{job_id}/chunks/0000000.jsonl"
+    files().put_results_once(key, ['{"id":"i0"}', '{"id":"i1"}'], ChunkCounts(succeeded=2))
+    chunks_on(bury_chunk, chunk, reason="gone")
+
+    job = store().get(job_id)
+    assert job is not None
+    assert (job["status"], job["succeeded"], job["failed"], job["dead_chunks"]) == ("failed", 2, 0, 1)
+    assert [line["id"] for line in results_of(job_id)] == ["i0", "i1"]
 
 
 def test_a_buried_chunk_whose_input_is_gone_is_accounted_for_by_count(

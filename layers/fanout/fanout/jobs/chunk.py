@@ -3,8 +3,11 @@
 Each line is a /batch request item, checked as /batch checks it (a line that is not
 one is that item's `InvalidItem` error, never the chunk's failure). The results file
 holds one line per item, in input order, each the /batch response item with the
-input `line` number first. It is written under this attempt's own key before the
-chunk is recorded; the record (store.commit) says which attempt's file counts.
+input `line` number first. Its key is the chunk's own and it is written once
+(JobFiles.put_results_once), before the chunk is recorded: an attempt that finds it
+written (an earlier attempt ran the chunk and died before recording it) records that
+file without sending the chunk's requests again; two attempts that finish together
+record the same file, and only the lease holder's record (store.commit) counts.
 
 `finish_if_done` ends a job once its last chunk is recorded: the manifest first, then
 the status, so a job that reads as ended always has its manifest.
@@ -83,7 +86,22 @@ async def run_chunk(message: RunChunk, context: ChunkContext, *, budget_s: float
     job = await asyncio.to_thread(store.get, message.job_id)
     if job is None:
         return  # expired meanwhile
-    data = await asyncio.to_thread(files.read_range, message.key, message.start, message.end)
+    key = results_key(message.job_id, message.index)
+    counts = await asyncio.to_thread(files.results_counts, key)
+    if counts is None:
+        counts = await _run_and_write(message, job, key, context, budget_s)
+    committed = await asyncio.to_thread(
+        store.commit, message.job_id, message.index, attempt=attempt, results_key=key, counts=counts, now_ms=now_ms()
+    )
+    if committed:
+        await asyncio.to_thread(finish_if_done, message.job_id, store, files)
+
+
+async def _run_and_write(
+    message: RunChunk, job: dict[str, Any], key: str, context: ChunkContext, budget_s: float
+) -> ChunkCounts:
+    """Run the chunk's lines (or skip them all if the job was cancelled) and write their results once."""
+    data = await asyncio.to_thread(context.files.read_range, message.key, message.start, message.end)
     lines = list(_numbered_lines(data, message.first_line))
     if job["status"] == JobStatus.CANCELLED:
         reports = [(number, _skipped(number, raw)) for number, raw in lines]
@@ -91,8 +109,6 @@ async def run_chunk(message: RunChunk, context: ChunkContext, *, budget_s: float
         throttled: dict[str, int] = {}
     else:
         reports, requests, throttled = await _run_lines(lines, job["spec"], context, budget_s)
-    key = results_key(message.job_id, message.index, attempt)
-    await asyncio.to_thread(files.put_results, key, [item_line(report, line=number) for number, report in reports])
     counts = ChunkCounts(
         succeeded=sum(report.ok for _, report in reports),
         failed=sum(not report.ok and report.skipped is None for _, report in reports),
@@ -100,11 +116,8 @@ async def run_chunk(message: RunChunk, context: ChunkContext, *, budget_s: float
         requests=requests,
         throttled=throttled,
     )
-    committed = await asyncio.to_thread(
-        store.commit, message.job_id, message.index, attempt=attempt, results_key=key, counts=counts, now_ms=now_ms()
-    )
-    if committed:
-        await asyncio.to_thread(finish_if_done, message.job_id, store, files)
+    written = [item_line(report, line=number) for number, report in reports]
+    return await asyncio.to_thread(context.files.put_results_once, key, written, counts)
 
 
 async def _run_lines(
@@ -247,10 +260,11 @@ async def bury_chunk(message: RunChunk, context: ChunkContext, *, reason: str) -
         (number, ItemReport(id=id_, attempts=0, elapsed_s=0.0, error=CHUNK_FAILED, message=reason))
         for number, id_ in ids
     ]
-    key = results_key(message.job_id, message.index, "dead")
-    await asyncio.to_thread(files.put_results, key, [item_line(report, line=number) for number, report in reports])
+    key = results_key(message.job_id, message.index)
+    written = [item_line(report, line=number) for number, report in reports]
+    counts = await asyncio.to_thread(files.put_results_once, key, written, ChunkCounts(failed=len(reports)))
     buried = await asyncio.to_thread(
-        store.bury, message.job_id, message.index, results_key=key, failed=len(reports), now_ms=now_ms()
+        store.bury, message.job_id, message.index, results_key=key, counts=counts, now_ms=now_ms()
     )
     if buried:
         await asyncio.to_thread(finish_if_done, message.job_id, store, files)

@@ -4,18 +4,26 @@ Input bucket: `uploads/{upload_id}.jsonl` (what a caller PUTs to a presigned URL
 `jobs/{job_id}/items.jsonl` (the items of a job submitted inline). A job only ever
 reads keys this module names: a caller chooses an upload id, never a bucket or key.
 
-Results bucket: `results/{job_id}/chunks/{index:07d}-{attempt}.jsonl`, one per chunk
-attempt (the job table says which attempt's file counts), and
-`results/{job_id}/manifest.json` once the job has ended.
+Results bucket: `results/{job_id}/chunks/{index:07d}.jsonl`, one per chunk, written once
+(S3's conditional write, If-None-Match: the first attempt to finish the chunk writes it,
+and its counts ride along as the object's metadata, so any later attempt records what
+the file holds instead of overwriting it); and `results/{job_id}/manifest.json` once
+the job has ended.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
 
+from botocore.exceptions import ClientError
+
+from fanout.jobs.store import ChunkCounts
+
 READ_BLOCK_BYTES = 1 << 20
+_COUNTED = ("succeeded", "failed", "skipped")  # a results file's counts, kept as its metadata
 
 
 def upload_key(upload_id: str) -> str:
@@ -26,8 +34,8 @@ def inline_key(job_id: str) -> str:
     return f"jobs/{job_id}/items.jsonl"
 
 
-def results_key(job_id: str, index: int, attempt: str) -> str:
-    return f"results/{job_id}/chunks/{index:07d}-{attempt}.jsonl"
+def results_key(job_id: str, index: int) -> str:
+    return f"results/{job_id}/chunks/{index:07d}.jsonl"
 
 
 def manifest_key(job_id: str) -> str:
@@ -90,9 +98,39 @@ class JobFiles:
         if pending:
             yield offset, pending
 
-    def put_results(self, key: str, lines: list[str]) -> None:
+    def put_results_once(self, key: str, lines: list[str], counts: ChunkCounts) -> ChunkCounts:
+        """Write a chunk's results unless its file exists; the counts of the file that stays (ours, or
+        those of the attempt that wrote first, with our requests: we did send them)."""
         data = "".join(line + "\n" for line in lines).encode("utf-8")
-        self.s3.put_object(Bucket=self.results_bucket, Key=key, Body=data, ContentType="application/x-ndjson")
+        metadata = {name: str(getattr(counts, name)) for name in _COUNTED}
+        try:
+            self.s3.put_object(
+                Bucket=self.results_bucket,
+                Key=key,
+                Body=data,
+                ContentType="application/x-ndjson",
+                Metadata=metadata,
+                IfNoneMatch="*",
+            )
+            return counts
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise  # ConditionalRequestConflict (another write in flight) included: the chunk comes back
+        written = self.results_counts(key)
+        if written is None:  # pragma: no cover - S3 said it exists a moment ago and results are never deleted early
+            raise RuntimeError(f"the results file {key} exists and cannot be read")
+        return dataclasses.replace(written, requests=counts.requests, throttled=counts.throttled)
+
+    def results_counts(self, key: str) -> ChunkCounts | None:
+        """The counts a chunk's results file was written with, or None if it has not been written."""
+        try:
+            head = self.s3.head_object(Bucket=self.results_bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        metadata = head.get("Metadata", {})
+        return ChunkCounts(**{name: int(metadata.get(name, 0)) for name in _COUNTED})
 
     def put_manifest(self, job_id: str, manifest: dict[str, Any]) -> None:
         data = json.dumps(manifest, separators=(",", ":")).encode()

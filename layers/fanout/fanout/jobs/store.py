@@ -290,26 +290,29 @@ class JobStore:
         }
         return self._record(chunk_update, job_id, counts, now_ms=now_ms, dead=False)
 
-    def bury(self, job_id: str, index: int, *, results_key: str, failed: int, now_ms: int) -> bool:
-        """Record a chunk that could not run (it came back from the dead-letter queue): its items count
-        as failed. False if it was recorded already."""
+    def bury(self, job_id: str, index: int, *, results_key: str, counts: ChunkCounts, now_ms: int) -> bool:
+        """Record a chunk that came back from the dead-letter queue, with the counts of its results file
+        (its items as failed, unless an attempt had written their results). False if it was recorded
+        already."""
         chunk_update = {
             "TableName": self.table,
             "Key": _chunk_key(job_id, index),
-            "UpdateExpression": "SET #state = :dead, results_key = :key, failed = :failed, done_ms = :now, "
-            "expires_at = :expires",
+            "UpdateExpression": "SET #state = :dead, results_key = :key, succeeded = :succeeded, failed = :failed, "
+            "skipped = :skipped, done_ms = :now, expires_at = :expires",
             "ConditionExpression": "attribute_not_exists(pk) OR #state = :running",
             "ExpressionAttributeNames": {"#state": "state"},
             "ExpressionAttributeValues": _values(
                 dead="dead",
                 running="running",
                 key=results_key,
-                failed=failed,
+                succeeded=counts.succeeded,
+                failed=counts.failed,
+                skipped=counts.skipped,
                 now=now_ms,
                 expires=self._expires(now_ms),
             ),
         }
-        return self._record(chunk_update, job_id, ChunkCounts(failed=failed), now_ms=now_ms, dead=True)
+        return self._record(chunk_update, job_id, counts, now_ms=now_ms, dead=True)
 
     def _record(
         self, chunk_update: dict[str, Any], job_id: str, counts: ChunkCounts, *, now_ms: int, dead: bool
