@@ -69,6 +69,26 @@ def test_queued_calls_wait_as_indices_not_as_tasks() -> None:
     assert max(tasks_seen) <= 8 + 1  # the workers and the task running the call
 
 
+def test_each_lane_has_its_own_workers_and_keeps_its_order() -> None:
+    """A lane whose calls wait (a paused target) holds back no other lane."""
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def send(index: int) -> int:
+        started.append(index)
+        if index % 2 == 0:  # lane 0 waits until lane 1 is done
+            await release.wait()
+        elif index == 5:
+            release.set()
+        return index
+
+    result = run(
+        fan_out(send, n=6, strategy=Strategy.SEMAPHORE, concurrency=1, deadline_s=5, lanes=[[0, 2, 4], [1, 3, 5]])
+    )
+    assert [outcome.value for outcome in result.outcomes] == list(range(6))
+    assert started == [0, 1, 3, 5, 2, 4]
+
+
 def test_sync_runs_one_at_a_time() -> None:
     spy = RunningSpy()
     result = run(fan_out(spy.send, n=12, strategy=Strategy.SYNC, concurrency=50, deadline_s=10))

@@ -281,6 +281,33 @@ def test_a_paused_target_does_not_hold_back_another(upstream: LocalUpstream) -> 
     assert slowest_healthy < 1.5  # done while the other target was still paused for 2 s
 
 
+def test_a_batch_runs_a_few_workers_per_target_not_a_task_per_item(upstream: LocalUpstream) -> None:
+    """Items wait as indices in their target's lane (fanout.engine): what a call holds grows with its
+    concurrency and targets, not its items."""
+    items = items_to(upstream, "a", "/delay", 300, ms=0) + items_to(upstream, "b", "/delay", 300, ms=0)
+    most_tasks = 0
+
+    async def go() -> BatchRun:
+        nonlocal most_tasks
+        transport = make_transport("aiohttp", max_connections=5, timeout_s=5, allow_private=True)
+        runner = BatchRunner(
+            transport, max_attempts=1, max_item_bytes=1000, rate_per_s=0, politeness=Politeness(ceiling=5)
+        )
+        running = asyncio.create_task(
+            runner.run(items, strategy=Strategy.SEMAPHORE, concurrency=5, budget_s=10, fail_fast=False)
+        )
+        while not running.done():
+            most_tasks = max(most_tasks, len(asyncio.all_tasks()))
+            await asyncio.sleep(0.001)
+        await transport.aclose()
+        return running.result()
+
+    result = run(go())
+    assert [status(report) for report in result.reports] == [200] * 600
+    assert [report.id for report in result.reports] == [item.id for item in items]
+    assert most_tasks <= 2 * 5 + 3  # the workers of two targets, the call, this sampler, and the runner's own
+
+
 # --- the rate the limiter learns is a lower bound of the target's ------------------------------------------
 
 
@@ -322,7 +349,16 @@ def test_retry_after_of_any_text_is_none_or_a_bounded_wait(value: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("120", 120.0), (" 7 ", 7.0), ("99999999", RETRY_AFTER_MAX_S), ("-1", None), ("1.5", None), ("", None)],
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("99999999", RETRY_AFTER_MAX_S),
+        ("-1", None),
+        ("1.5", None),
+        ("", None),
+        ("²", None),  # str.isdigit() says yes, float() says no
+        ("١٢", None),  # float() reads these as 12; RFC 9110's delta-seconds are ASCII digits
+    ],
 )
 def test_retry_after_values(value: str, seconds: float | None) -> None:
     assert retry_after_seconds(value) == seconds

@@ -154,6 +154,16 @@ class _Skipped(Exception):
     """An attempt that must not be sent: fail-fast stopped the call while it waited for its target."""
 
 
+def _by_target(items: list[BatchItem]) -> list[list[int]]:
+    """The items' indices per target, in order: each target's own `concurrency` workers (one waiting
+    on a paused or paced target holds back no other target's items). An item waiting out its
+    backoff keeps its worker: a target whose requests fail is sent fewer at once meanwhile."""
+    lanes: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        lanes.setdefault(item.target, []).append(index)
+    return list(lanes.values())
+
+
 def retry_after_s(response: UpstreamResponse) -> float | None:
     """Retry-After in seconds, from delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
     return retry_after_seconds(response.headers.get("retry-after"))
@@ -207,10 +217,11 @@ class BatchRunner:
         result = await fan_out(
             send,
             n=len(items),
-            strategy=Strategy.SYNC if sequential else Strategy.GATHER,  # `wire` bounds what is in flight
-            concurrency=1 if sequential else len(items),
+            strategy=Strategy.SYNC if sequential else Strategy.SEMAPHORE,
+            concurrency=1 if sequential else concurrency,  # per target; `wire` bounds all in flight
             deadline_s=budget_s,
             stop=stop,
+            lanes=None if sequential else _by_target(items),
         )
         ended = time.perf_counter()
         ended_as = zip(items, result.outcomes, strict=True)  # equivalent: True -> False (same lengths)

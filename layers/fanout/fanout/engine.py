@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -75,22 +75,31 @@ async def fan_out(
     concurrency: int,
     deadline_s: float,
     stop: asyncio.Event | None = None,
+    lanes: Sequence[Sequence[int]] | None = None,
 ) -> FanoutResult[T]:
     """Await `send(0) … send(n-1)` and collect one outcome per call.
 
     `concurrency` is what the caller was granted (already clamped to the
     function's ceiling); SYNC ignores it, GATHER relies on the transport's
-    pool being sized to it, SEMAPHORE enforces it itself.
+    pool being sized to it, SEMAPHORE enforces it itself: per lane.
+    `lanes` (SEMAPHORE): the indices split by what their calls wait on (POST
+    /batch: their target), every index in exactly one, each lane in order. Each
+    lane has its own workers, so a call waiting on its target never holds back
+    another target's; the caller bounds what is in flight in all (its wire slots).
     """
     if n < 1 or concurrency < 1 or deadline_s <= 0:
         raise ValueError(f"n={n}, concurrency={concurrency} and deadline_s={deadline_s} must be positive")
     outcomes: list[Outcome[T] | None] = [None] * n
     started: list[bool] = [False] * n
     # Workers pulling the next index, not a task per call: a queued call is an int in a range, not
-    # a coroutine waiting on a semaphore (about 0.2 KB instead of 1.5 KB of heap each, and less
-    # for the collector to walk). SEMAPHORE runs `concurrency` of them, GATHER one per call.
-    workers = 1 if strategy is Strategy.SYNC else n if strategy is Strategy.GATHER else min(n, concurrency)
-    pending = iter(range(n))
+    # a coroutine waiting on a semaphore (about 0.1 KB instead of 1.5 KB of heap each, and less
+    # for the collector to walk). SEMAPHORE runs `concurrency` of them per lane, GATHER one per call.
+    if strategy is Strategy.SYNC:
+        plan: list[tuple[Sequence[int], int]] = [(range(n), 1)]
+    elif strategy is Strategy.GATHER:
+        plan = [(range(n), n)]
+    else:
+        plan = [(lane, min(len(lane), concurrency)) for lane in (lanes or [range(n)]) if lane]
 
     async def run_one(index: int) -> None:
         if stop is not None and stop.is_set():
@@ -105,7 +114,7 @@ async def fan_out(
             outcome = Outcome(error=DEADLINE_EXCEEDED)  # cut by the deadline, whatever the client called it
         outcomes[index] = outcome
 
-    async def work() -> None:
+    async def work(pending: Iterator[int]) -> None:
         for index in pending:
             await run_one(index)
             if stop is not None:
@@ -120,10 +129,12 @@ async def fan_out(
     ends = time.monotonic() + deadline_s
     try:
         async with asyncio.timeout(deadline_s):
-            if workers == 1:
-                await work()
+            shared = [(iter(lane), count) for lane, count in plan]
+            workers = [work(pending) for pending, count in shared for _ in range(count)]
+            if len(workers) == 1:
+                await workers[0]
             else:
-                await asyncio.gather(*(work() for _ in range(workers)))
+                await asyncio.gather(*workers)
     except TimeoutError:
         pass  # what did not finish is reported below, not lost
     elapsed = time.perf_counter() - begun

@@ -508,9 +508,10 @@ class TargetLimiter:
         start where a bucket of successes starts, so a span is never shorter than it was. B is what the
         first episode was served: all of a full bucket when that episode fits the window (first
         contact, a fast target); a long first episode can leave it short, and the next throttle
-        corrects an estimate that came out high."""
+        corrects an estimate that came out high. (B is not padded by the token's fraction the first
+        episode may have left: that made the estimate 1/span too low, at 20/s a fifth of the rate.)"""
         state = self.state
-        free = (state.free or 0) + 1  # the first episode ended with up to one token's fraction unspent
+        free = state.free or 0
         best = None
         served = 0
         for start, count in reversed(self._buckets(now)):
@@ -626,7 +627,7 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²" and other digits float() refuses
         return min(float(value), RETRY_AFTER_MAX_S)
     try:
         moment = parsedate_to_datetime(value).timestamp()
