@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
+import uvloop
 from aws_lambda_powertools import Logger
 
 from fanout.observability import DEFAULT_SERVICE
@@ -27,6 +28,10 @@ EVENTS = ROOT / "events"
 HANDLER_FILE = ROOT / "functions" / "api" / "app.py"
 
 T = TypeVar("T")
+
+# Every loop the tests make is the kind the functions run on (fanout.lambda_loop: uvloop), so the egress
+# guard, the timeouts and the engine are tested on the loop that carries them in Lambda.
+asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def load_event(name: str) -> dict[str, Any]:
