@@ -63,36 +63,36 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
 
 
+def _probe(script: str, url: str, n: int) -> tuple[int, int]:
+    """Run a probe in a fresh interpreter: (bytes it measured, requests that failed)."""
+    out = subprocess.run([sys.executable, "-c", script, url, str(n)], capture_output=True, text=True, check=True)
+    measured, failures = out.stdout.split()
+    return int(measured), int(failures)
+
+
+def _slope(by_n: dict[int, int]) -> float:
+    """Bytes per request between the smallest and the largest N."""
+    low, high = min(by_n), max(by_n)
+    return (by_n[high] - by_n[low]) / (high - low)
+
+
 def memory_per_request() -> dict[str, object]:
     growth: dict[int, int] = {}
+    heap: dict[int, int] = {}
     failed: dict[int, int] = {}
     with http1_upstream() as server:
+        url = f"{server.url}/delay?ms=50"
         for n in SIZES:
-            out = subprocess.run(
-                [sys.executable, "-c", PROBE, f"{server.url}/delay?ms=50", str(n)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.split()
-            growth[n], failed[n] = int(out[0]), int(out[1])
-        heap: dict[int, int] = {}
+            growth[n], failed[n] = _probe(PROBE, url, n)
         for n in QUEUED_SIZES:
-            out = subprocess.run(
-                [sys.executable, "-c", QUEUED_PROBE, f"{server.url}/delay?ms=50", str(n)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.split()
-            heap[n] = int(out[0])
-            failed[n] = failed.get(n, 0) + int(out[1])
-    slope = (growth[SIZES[-1]] - growth[SIZES[0]]) / (SIZES[-1] - SIZES[0])
-    queued = (heap[QUEUED_SIZES[-1]] - heap[QUEUED_SIZES[0]]) / (QUEUED_SIZES[-1] - QUEUED_SIZES[0])
+            heap[n], failures = _probe(QUEUED_PROBE, url, n)
+            failed[n] = failed.get(n, 0) + failures
     return {
         "growth_bytes": growth,
         "failed": failed,
-        "bytes_per_request": slope,
+        "bytes_per_request": _slope(growth),
         "queued_heap_bytes": heap,
-        "heap_bytes_per_queued_request": queued,
+        "heap_bytes_per_queued_request": _slope(heap),
     }
 
 

@@ -141,20 +141,9 @@ class JobStore:
 
     def start(self, job_id: str, now_ms: int) -> bool:
         """queued -> running (the split has begun); False if it is not queued (cancelled, or begun)."""
-        try:
-            self.db.update_item(
-                TableName=self.table,
-                Key=_job_key(job_id),
-                UpdateExpression="SET #status = :running, started_ms = :now, updated_ms = :now",
-                ConditionExpression="#status = :queued",
-                ExpressionAttributeNames={"#status": "status"},
-                ExpressionAttributeValues=_values(
-                    running=JobStatus.RUNNING.value, queued=JobStatus.QUEUED.value, now=now_ms
-                ),
-            )
-        except self.db.exceptions.ConditionalCheckFailedException:
-            return False
-        return True
+        return self._update_status(
+            job_id, JobStatus.RUNNING, expected=JobStatus.QUEUED, now_ms=now_ms, stamp="started_ms"
+        )
 
     def cancel(self, job_id: str, now_ms: int) -> bool:
         """Stop starting chunks; False if the job had ended already."""
@@ -187,12 +176,15 @@ class JobStore:
         except self.db.exceptions.ConditionalCheckFailedException:  # cancelled meanwhile: that stands
             self.split_done(job_id, total=total or 0, chunks=chunks, now_ms=now_ms)
 
-    def _update_status(self, job_id: str, status: JobStatus, *, expected: JobStatus, now_ms: int) -> bool:
+    def _update_status(
+        self, job_id: str, status: JobStatus, *, expected: JobStatus, now_ms: int, stamp: str | None = None
+    ) -> bool:
+        """expected -> status, also setting the `stamp` attribute to now if given; False if it was not `expected`."""
         try:
             self.db.update_item(
                 TableName=self.table,
                 Key=_job_key(job_id),
-                UpdateExpression="SET #status = :status, updated_ms = :now",
+                UpdateExpression="SET #status = :status, updated_ms = :now" + (f", {stamp} = :now" if stamp else ""),
                 ConditionExpression="#status = :expected",
                 ExpressionAttributeNames={"#status": "status"},
                 ExpressionAttributeValues=_values(status=status.value, expected=expected.value, now=now_ms),
