@@ -262,39 +262,54 @@ class JobStore:
     ) -> bool:
         """Record the chunk done and add its counts to the job's, in one transaction, if this attempt
         still holds it. False: it does not (its lease ran out and another attempt took the chunk)."""
-        chunk_update = {
-            "TableName": self.table,
-            "Key": _chunk_key(job_id, index),
-            "UpdateExpression": "SET #state = :done, results_key = :key, succeeded = :succeeded, "
-            "failed = :failed, skipped = :skipped, done_ms = :now",
-            "ConditionExpression": "attempt = :attempt AND #state = :running",
-            "ExpressionAttributeNames": {"#state": "state"},
-            "ExpressionAttributeValues": _values(
-                done="done",
-                running="running",
-                key=results_key,
-                succeeded=counts.succeeded,
-                failed=counts.failed,
-                skipped=counts.skipped,
-                now=now_ms,
-                attempt=attempt,
-            ),
-        }
-        return self._record(chunk_update, job_id, counts, now_ms=now_ms, dead=False)
+        return self._record(
+            job_id,
+            index,
+            results_key,
+            counts,
+            now_ms=now_ms,
+            dead=False,
+            condition="attempt = :attempt AND #state = :running",
+            attempt=attempt,
+        )
 
     def bury(self, job_id: str, index: int, *, results_key: str, counts: ChunkCounts, now_ms: int) -> bool:
         """Record a chunk that came back from the dead-letter queue, with the counts of its results file
         (its items as failed, unless an attempt had written their results). False if it was recorded
         already."""
+        return self._record(
+            job_id,
+            index,
+            results_key,
+            counts,
+            now_ms=now_ms,
+            dead=True,
+            condition="attribute_not_exists(pk) OR #state = :running",  # a chunk never claimed has no row
+        )
+
+    def _record(
+        self,
+        job_id: str,
+        index: int,
+        results_key: str,
+        counts: ChunkCounts,
+        *,
+        now_ms: int,
+        dead: bool,
+        condition: str,
+        **condition_values: str,
+    ) -> bool:
+        """The chunk's row (done or dead, its file and counts) and the job's counters, in one transaction,
+        if `condition` holds on the chunk's row; False if it does not."""
         chunk_update = {
             "TableName": self.table,
             "Key": _chunk_key(job_id, index),
-            "UpdateExpression": "SET #state = :dead, results_key = :key, succeeded = :succeeded, failed = :failed, "
+            "UpdateExpression": "SET #state = :state, results_key = :key, succeeded = :succeeded, failed = :failed, "
             "skipped = :skipped, done_ms = :now, expires_at = :expires",
-            "ConditionExpression": "attribute_not_exists(pk) OR #state = :running",
+            "ConditionExpression": condition,
             "ExpressionAttributeNames": {"#state": "state"},
             "ExpressionAttributeValues": _values(
-                dead="dead",
+                state="dead" if dead else "done",
                 running="running",
                 key=results_key,
                 succeeded=counts.succeeded,
@@ -302,13 +317,9 @@ class JobStore:
                 skipped=counts.skipped,
                 now=now_ms,
                 expires=self._expires(now_ms),
+                **condition_values,
             ),
         }
-        return self._record(chunk_update, job_id, counts, now_ms=now_ms, dead=True)
-
-    def _record(
-        self, chunk_update: dict[str, Any], job_id: str, counts: ChunkCounts, *, now_ms: int, dead: bool
-    ) -> bool:
         names = {}
         values = _values(
             one=1,
