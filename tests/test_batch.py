@@ -449,6 +449,29 @@ def test_an_error_at_the_deadline_is_reported_as_the_deadlines() -> None:
         1,
     )
     assert (second.skipped, second.attempts) == ("deadline", 0)
+    assert result.concurrency == 1  # one after another
+
+
+class HangingTransport:
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        await asyncio.sleep(10)
+        raise AssertionError("unreachable")
+
+
+def test_an_item_the_deadline_caught_waiting_for_its_target_was_skipped_not_failed() -> None:
+    """It never went out: `skipped: deadline` with no attempt, not a DeadlineExceeded error."""
+    runner = BatchRunner(
+        HangingTransport(), max_attempts=3, max_item_bytes=10, rate_per_s=0, politeness=Politeness(ceiling=1)
+    )  # type: ignore[arg-type]
+    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
+    items = [
+        BatchItem(id=str(i), method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+        for i in range(2)
+    ]
+    result = run(runner.run(items, strategy=Strategy.SEMAPHORE, concurrency=2, budget_s=0.2, fail_fast=False))
+    sent, waited = result.reports
+    assert (sent.error, sent.attempts) == ("DeadlineExceeded", 1)
+    assert (waited.skipped, waited.error, waited.attempts) == ("deadline", None, 0)
 
 
 def test_batch_records_are_values() -> None:

@@ -38,7 +38,7 @@ DEFAULT_TARGETS = [
     "fanout/egress.py=tests/test_egress.py",
     "fanout/targets.py=tests/test_targets.py",
     "fanout/engine.py=tests/test_engine.py",
-    "fanout/batch.py=tests/test_batch.py,tests/test_observability.py",
+    "fanout/batch.py=tests/test_batch.py,tests/test_observability.py,tests/test_politeness.py",
 ]
 
 _COMPARE_SWAPS: dict[type[ast.cmpop], type[ast.cmpop]] = {

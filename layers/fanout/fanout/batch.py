@@ -218,7 +218,7 @@ class BatchRunner:
             send,
             n=len(items),
             strategy=Strategy.SYNC if sequential else Strategy.SEMAPHORE,
-            concurrency=1 if sequential else concurrency,  # per target; `wire` bounds all in flight
+            concurrency=1 if sequential else concurrency,  # per target, `wire` bounds all; equivalent: 1 -> 2 (SYNC)
             deadline_s=budget_s,
             stop=stop,
             lanes=None if sequential else _by_target(items),
