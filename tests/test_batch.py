@@ -474,6 +474,29 @@ def test_an_item_the_deadline_caught_waiting_for_its_target_was_skipped_not_fail
     assert (waited.skipped, waited.error, waited.attempts) == ("deadline", None, 0)
 
 
+def status_of(report: ItemReport) -> int | None:
+    return report.response.status if report.response is not None else None
+
+
+class UnavailableTransport:
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        return UpstreamResponse(status=503, headers={}, body=b"", truncated=False)
+
+
+def test_a_retry_whose_backoff_ends_past_the_budget_is_not_waited_for() -> None:
+    """The item reports the answer it got, in time, instead of sleeping into the deadline."""
+    runner = BatchRunner(
+        UnavailableTransport(), max_attempts=3, max_item_bytes=10, rate_per_s=0, politeness=Politeness(ceiling=1)
+    )  # type: ignore[arg-type]
+    runner._jitter = lambda state: 1.0  # type: ignore[assignment,method-assign]  # every backoff: 1 s
+    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
+    item = BatchItem(id="a", method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+    result = run(runner.run([item], strategy=Strategy.SEMAPHORE, concurrency=1, budget_s=0.3, fail_fast=False))
+    (report,) = result.reports
+    assert (status_of(report), report.error, report.attempts) == (503, None, 1)
+    assert result.elapsed_s < 0.3
+
+
 def test_batch_records_are_values() -> None:
     scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
     item = BatchItem(id="a", method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
