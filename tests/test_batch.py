@@ -497,6 +497,30 @@ def test_a_retry_whose_backoff_ends_past_the_budget_is_not_waited_for() -> None:
     assert result.elapsed_s < 0.3
 
 
+class BusyOnceTransport:
+    """503 with Retry-After: 1 to the first request, then 200."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        self.sent += 1
+        if self.sent == 1:
+            return UpstreamResponse(status=503, headers={"retry-after": "1"}, body=b"", truncated=False)
+        return UpstreamResponse(status=200, headers={}, body=b"", truncated=False)
+
+
+def test_a_503_with_retry_after_pauses_the_target_and_costs_no_attempt() -> None:
+    """Like a 429 with Retry-After: with one attempt allowed, the item is still sent again after the pause."""
+    transport = BusyOnceTransport()
+    runner = BatchRunner(transport, max_attempts=1, max_item_bytes=10, rate_per_s=0, politeness=Politeness(ceiling=1))  # type: ignore[arg-type]
+    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
+    item = BatchItem(id="a", method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+    result = run(runner.run([item], strategy=Strategy.SEMAPHORE, concurrency=1, budget_s=5, fail_fast=False))
+    (report,) = result.reports
+    assert (status_of(report), report.attempts, transport.sent) == (200, 2, 2)
+
+
 def test_batch_records_are_values() -> None:
     scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
     item = BatchItem(id="a", method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")

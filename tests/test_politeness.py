@@ -269,16 +269,60 @@ def test_a_pause_past_the_deadline_fails_the_waiting_items_at_once(upstream: Loc
 
 
 def test_a_paused_target_does_not_hold_back_another(upstream: LocalUpstream) -> None:
-    """The call's concurrency slots are taken only after a target admits the request."""
+    """Each target has its own workers, and the call's concurrency slots are taken only after a target
+    admits the request: the healthy target's items are answered while the other is paused for 2 s."""
     paused = items_to(upstream, "paused", "/retry-after", 30, key="hold", fail=1, s=2)
     healthy = items_to(upstream, "healthy", "/delay", 30, ms=0)
-    politeness = Politeness(ceiling=5)
-    result, _ = run_batch(paused + healthy, concurrency=5, budget_s=10, politeness=politeness)
+    answered_at: dict[str, list[float]] = {"paused": [], "healthy": []}
 
-    by_id = {report.id: report for report in result.reports}
-    assert all(status(by_id[item.id]) == 200 for item in paused + healthy)
-    slowest_healthy = max(by_id[item.id].elapsed_s for item in healthy)
-    assert slowest_healthy < 1.5  # done while the other target was still paused for 2 s
+    async def go() -> tuple[BatchRun, float]:
+        transport = make_transport("aiohttp", max_connections=5, timeout_s=5, allow_private=True)
+        send = transport.send
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            response = await send(*args, **kwargs)
+            answered_at[kwargs["scope"].name].append(time.monotonic())
+            return response
+
+        transport.send = timed  # type: ignore[method-assign]
+        runner = BatchRunner(
+            transport, max_attempts=3, max_item_bytes=1000, rate_per_s=0, politeness=Politeness(ceiling=5)
+        )
+        started = time.monotonic()
+        try:
+            result = await runner.run(
+                paused + healthy, strategy=Strategy.SEMAPHORE, concurrency=5, budget_s=10, fail_fast=False
+            )
+        finally:
+            await transport.aclose()
+        return result, started
+
+    result, started = run(go())
+    assert [status(report) for report in result.reports] == [200] * 60
+    assert max(answered_at["paused"]) - started >= 2.0  # the pause was kept
+    assert max(answered_at["healthy"]) - started < 1.5  # done while the other target was still paused
+
+
+def test_fail_fast_skips_an_item_that_was_waiting_for_a_slot(upstream: LocalUpstream) -> None:
+    """Target b's worker waits for the call's one slot while target a's request fails: once the
+    slot is free, b's item is skipped (fail_fast, no attempt), not sent."""
+    items = items_to(upstream, "a", "/status/500", 1) + items_to(upstream, "b", "/delay", 1, ms=0)
+
+    async def go() -> BatchRun:
+        transport = make_transport("aiohttp", max_connections=1, timeout_s=5, allow_private=True)
+        runner = BatchRunner(
+            transport, max_attempts=3, max_item_bytes=1000, rate_per_s=0, politeness=Politeness(ceiling=1)
+        )
+        try:
+            return await runner.run(items, strategy=Strategy.SEMAPHORE, concurrency=1, budget_s=5, fail_fast=True)
+        finally:
+            await transport.aclose()
+
+    result = run(go())
+    assert [(status(report), report.skipped, report.attempts) for report in result.reports] == [
+        (500, None, 1),
+        (None, "fail_fast", 0),
+    ]
 
 
 def test_a_batch_runs_a_few_workers_per_target_not_a_task_per_item(upstream: LocalUpstream) -> None:
