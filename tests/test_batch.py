@@ -418,6 +418,21 @@ def test_a_retry_after_of_zero_is_retried_until_it_succeeds(handler: Any) -> Non
     assert (body["responses"][0]["status"], body["responses"][0]["attempts"]) == (200, 3)
 
 
+def stand_in_items(n: int) -> list[BatchItem]:
+    """GETs to a target only a stand-in transport answers (nothing goes to the network)."""
+    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
+    return [
+        BatchItem(id=str(i), method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+        for i in range(n)
+    ]
+
+
+def stand_in_runner(transport: Any, *, max_attempts: int = 3, ceiling: int = 1) -> BatchRunner:
+    return BatchRunner(
+        transport, max_attempts=max_attempts, max_item_bytes=10, rate_per_s=0, politeness=Politeness(ceiling=ceiling)
+    )
+
+
 class SwallowingTransport:
     """A client whose own timer fires with the deadline and turns the cancellation into its error."""
 
@@ -433,14 +448,8 @@ class SwallowingTransport:
 
 
 def test_an_error_at_the_deadline_is_reported_as_the_deadlines() -> None:
-    runner = BatchRunner(
-        SwallowingTransport(), max_attempts=3, max_item_bytes=10, rate_per_s=0, politeness=Politeness(ceiling=10)
-    )  # type: ignore[arg-type]
-    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
-    items = [
-        BatchItem(id=str(i), method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
-        for i in range(2)
-    ]
+    runner = stand_in_runner(SwallowingTransport(), ceiling=10)
+    items = stand_in_items(2)
     result = run(runner.run(items, strategy=Strategy.SYNC, concurrency=1, budget_s=0.2, fail_fast=False))
     first, second = result.reports
     assert (first.error, first.message, first.attempts) == (
@@ -460,14 +469,8 @@ class HangingTransport:
 
 def test_an_item_the_deadline_caught_waiting_for_its_target_was_skipped_not_failed() -> None:
     """It never went out: `skipped: deadline` with no attempt, not a DeadlineExceeded error."""
-    runner = BatchRunner(
-        HangingTransport(), max_attempts=3, max_item_bytes=10, rate_per_s=0, politeness=Politeness(ceiling=1)
-    )  # type: ignore[arg-type]
-    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
-    items = [
-        BatchItem(id=str(i), method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
-        for i in range(2)
-    ]
+    runner = stand_in_runner(HangingTransport(), ceiling=1)
+    items = stand_in_items(2)
     result = run(runner.run(items, strategy=Strategy.SEMAPHORE, concurrency=2, budget_s=0.2, fail_fast=False))
     sent, waited = result.reports
     assert (sent.error, sent.attempts) == ("DeadlineExceeded", 1)
@@ -485,12 +488,9 @@ class UnavailableTransport:
 
 def test_a_retry_whose_backoff_ends_past_the_budget_is_not_waited_for() -> None:
     """The item reports the answer it got, in time, instead of sleeping into the deadline."""
-    runner = BatchRunner(
-        UnavailableTransport(), max_attempts=3, max_item_bytes=10, rate_per_s=0, politeness=Politeness(ceiling=1)
-    )  # type: ignore[arg-type]
+    runner = stand_in_runner(UnavailableTransport(), ceiling=1)
     runner._jitter = lambda state: 1.0  # type: ignore[assignment,method-assign]  # every backoff: 1 s
-    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
-    item = BatchItem(id="a", method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+    (item,) = stand_in_items(1)
     result = run(runner.run([item], strategy=Strategy.SEMAPHORE, concurrency=1, budget_s=0.3, fail_fast=False))
     (report,) = result.reports
     assert (status_of(report), report.error, report.attempts) == (503, None, 1)
@@ -513,17 +513,15 @@ class BusyOnceTransport:
 def test_a_503_with_retry_after_pauses_the_target_and_costs_no_attempt() -> None:
     """Like a 429 with Retry-After: with one attempt allowed, the item is still sent again after the pause."""
     transport = BusyOnceTransport()
-    runner = BatchRunner(transport, max_attempts=1, max_item_bytes=10, rate_per_s=0, politeness=Politeness(ceiling=1))  # type: ignore[arg-type]
-    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
-    item = BatchItem(id="a", method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+    runner = stand_in_runner(transport, max_attempts=1)
+    (item,) = stand_in_items(1)
     result = run(runner.run([item], strategy=Strategy.SEMAPHORE, concurrency=1, budget_s=5, fail_fast=False))
     (report,) = result.reports
     assert (status_of(report), report.attempts, transport.sent) == (200, 2, 2)
 
 
 def test_batch_records_are_values() -> None:
-    scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
-    item = BatchItem(id="a", method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+    (item,) = stand_in_items(1)
     report = ItemReport(id="a", attempts=1, elapsed_s=0.1)
     batch = BatchRun(reports=[report], concurrency=1, elapsed_s=0.1)
     for value, field in ((item, "id"), (report, "attempts"), (batch, "concurrency")):
