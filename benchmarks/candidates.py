@@ -2,13 +2,14 @@
 
 - `baseline`: the naive pattern this service replaces: a new `httpx.AsyncClient`
   with default limits for every call (and `httpx.get` per request for sync);
-- the service's transport (`fanout.transports`): `aiohttp` (its egress guard on:
-  loopback is allowed here, but every address is still checked), and
-  `aiohttp-unguarded`, the same without the guard, to show what the guard costs;
+- the service's transports (`fanout.transports`), their egress guard on (loopback is
+  allowed here, but every address is still checked): `pyreqwest` (shipped by default)
+  and `aiohttp`; `pyreqwest-unguarded` and `aiohttp-unguarded`, the same without the
+  guard, to show what it costs;
 - candidates measured and not shipped: httpx's own HTTP/1.1 pool (`httpx`),
   `httpx2` (the maintained fork), httpx's API on aiohttp (`httpx-aiohttp`) and
   httpx with `http2=True` over TLS (`httpx-http2`);
-- `floor`: raw aiohttp with no engine at all, the physical limit of this client.
+- `floor`: raw aiohttp with no engine at all, the physical limit of that client.
 """
 
 from __future__ import annotations
@@ -24,19 +25,33 @@ import httpx
 import httpx2
 from httpx_aiohttp import AiohttpTransport as HttpxOnAiohttp
 
+from fanout.egress import IPNetwork
 from fanout.engine import FanoutResult, Outcome, RequestError, Strategy, fan_out
-from fanout.transports import AiohttpTransport, LoopBound, Transport
+from fanout.transport_aiohttp import AiohttpTransport
+from fanout.transport_pyreqwest import PyreqwestTransport
+from fanout.transports import Transport
 
 TIMEOUT_S = 10.0
 
 
-class HttpxTransport(LoopBound):
+class HttpxTransport(Transport):
     """httpx's own pool (or httpx2's: same API); `http2=True` multiplexes over one TLS connection per host."""
 
-    def __init__(self, *, http2: bool = False, library: ModuleType = httpx, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        http2: bool = False,
+        library: ModuleType = httpx,
+        ssl_context: ssl.SSLContext | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.http2 = http2
         self.library = library
+        self.ssl_context = ssl_context
+
+    async def _close(self, client: Any) -> None:
+        await client.aclose()
 
     async def get_status(self, url: str) -> tuple[int, str | None]:
         try:
@@ -75,6 +90,13 @@ class UnguardedAiohttp(AiohttpTransport):
             trust_env=False,
             auto_decompress=False,
         )
+
+
+class UnguardedPyreqwest(PyreqwestTransport):
+    """The shipped transport with its address check skipped (URLs still read as reqwest reads them)."""
+
+    def _check(self, host: str, address: str, port: int, networks: tuple[IPNetwork, ...]) -> None:
+        return None
 
 
 class Candidate:
@@ -167,12 +189,18 @@ class Floor(Candidate):
 
 
 def make_candidates(
-    names: list[str], pool: int, ssl_factory: Callable[[], ssl.SSLContext | None] = lambda: None
+    names: list[str],
+    pool: int,
+    ssl_factory: Callable[[], ssl.SSLContext | None] = lambda: None,
+    ca_pem: bytes | None = None,
 ) -> list[Candidate]:
-    """The named candidates, each with a pool of `pool` and its own TLS context."""
+    """The named candidates, each with a pool of `pool` and its own TLS context (or `ca_pem` to trust)."""
 
     def common() -> dict[str, Any]:
         return {"max_connections": pool, "timeout_s": TIMEOUT_S, "ssl_context": ssl_factory()}
+
+    def shipped() -> dict[str, Any]:
+        return {"max_connections": pool, "timeout_s": TIMEOUT_S, "extra_ca_pem": ca_pem, "allow_private": True}
 
     factories: dict[str, Callable[[], Candidate]] = {
         "baseline": lambda: Baseline(ssl_factory()),
@@ -180,8 +208,10 @@ def make_candidates(
         "httpx2": lambda: Candidate("httpx2", HttpxTransport(library=httpx2, **common())),
         "httpx-aiohttp": lambda: Candidate("httpx-aiohttp", HttpxAiohttpTransport(**common())),
         "httpx-http2": lambda: Candidate("httpx-http2", HttpxTransport(http2=True, **common())),
-        "aiohttp": lambda: Candidate("aiohttp", AiohttpTransport(allow_private=True, **common())),
-        "aiohttp-unguarded": lambda: Candidate("aiohttp-unguarded", UnguardedAiohttp(**common())),
+        "pyreqwest": lambda: Candidate("pyreqwest", PyreqwestTransport(**shipped())),
+        "pyreqwest-unguarded": lambda: Candidate("pyreqwest-unguarded", UnguardedPyreqwest(**shipped())),
+        "aiohttp": lambda: Candidate("aiohttp", AiohttpTransport(**shipped())),
+        "aiohttp-unguarded": lambda: Candidate("aiohttp-unguarded", UnguardedAiohttp(**shipped())),
         "floor": lambda: Floor(pool, ssl_factory()),
     }
     return [factories[name]() for name in names]

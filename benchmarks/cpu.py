@@ -1,4 +1,4 @@
-"""Client CPU per request: the real handler against raw aiohttp, as paired ratios.
+"""Client CPU per request: the real handler against raw aiohttp and raw pyreqwest, as paired ratios.
 
 One warm process per configuration, all alive at once; each round runs every
 configuration once in a shuffled order, and each configuration's CPU in a round is
@@ -18,9 +18,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 N, K, ROUNDS = 2000, 100, 15
-#: "handler" is the function as shipped (on uvloop, fanout.lambda_loop); "handler+asyncio" the same on
-#: asyncio's own loop, what uvloop is measured against.
-CONFIGURATIONS = ["aiohttp", "aiohttp+uvloop", "handler", "handler+asyncio"]
+#: "handler" is the function as shipped (pyreqwest on uvloop: fanout.transports, fanout.lambda_loop);
+#: "handler+aiohttp" the same on the aiohttp transport, "handler+asyncio" on asyncio's own loop. The raw
+#: clients have no engine and no guard: a semaphore of k over a gather of n.
+CONFIGURATIONS = ["aiohttp", "aiohttp+uvloop", "pyreqwest+uvloop", "handler", "handler+aiohttp", "handler+asyncio"]
 
 #: A configuration's process: warm up, then one round per line on stdin; answers on lines that begin
 #: with "@@" (the handler's own log and metric lines share stdout, as on Lambda).
@@ -44,6 +45,8 @@ if name == "handler+asyncio":
 if name.startswith("handler"):
     os.environ.update({"FANOUT_TARGET_URL": url, "FANOUT_MAX_CONCURRENCY": str(k),
                        "FANOUT_MAX_REQUESTS": str(n), "FANOUT_ALLOW_PRIVATE_NETWORKS": "true"})
+    if name == "handler+aiohttp":
+        os.environ["FANOUT_TRANSPORT"] = "aiohttp"
     sys.path.insert(0, os.path.join(root, "local"))
     from fanout_local.worker import LocalContext
     spec = importlib.util.spec_from_file_location("entry", os.path.join(root, "functions/api/app.py"))
@@ -58,6 +61,29 @@ if name.startswith("handler"):
         if response["statusCode"] != 200:
             sys.exit(f"the handler answered {response['statusCode']}: {response['body'][:300]}")
         return json.loads(response["body"])["failed"]
+elif name.startswith("pyreqwest"):
+    from pyreqwest.client import ClientBuilder
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    client = None
+
+    async def call():
+        global client
+        if client is None:
+            client = ClientBuilder().max_connections(k).build()
+        limit = asyncio.Semaphore(k)
+
+        async def get():
+            async with limit:
+                response = await client.get(url).build().send()
+                await response.bytes()
+                return response.status
+
+        statuses = await asyncio.gather(*(get() for _ in range(n)))
+        return sum(1 for s in statuses if s != 200)
+
+    def one_round():
+        return loop.run_until_complete(call())
 else:
     import aiohttp
     loop = asyncio.new_event_loop()
@@ -87,7 +113,7 @@ for _ in sys.stdin:
     cpu0 = time.process_time()
     failed = one_round()
     print("@@", time.process_time() - cpu0, failed, flush=True)
-if not name.startswith("handler"):
+if name.startswith("aiohttp"):
     loop.run_until_complete(session.close())
 """
 

@@ -1,5 +1,6 @@
-"""Memory per request: peak RSS growth of one gather call, each N in a fresh process; and the
-heap a queued request costs under the semaphore strategy (k=100), where N - k wait their turn.
+"""Memory per request through the shipped transport: peak RSS growth of one gather call, each N in a
+fresh process; and the heap a queued request costs under the semaphore strategy (k=100), where N - k
+wait their turn.
 
 Growth is measured from after a small warm-up call to the peak of the big call
 (VmHWM), so imports and the pool's connections are not counted; the slope
@@ -19,7 +20,9 @@ SIZES = [1000, 5000, 10000]
 PROBE = """
 import asyncio, sys
 from fanout.engine import Strategy, fan_out
+from fanout.settings import Settings
 from fanout.transports import make_transport
+TRANSPORT = Settings.model_fields["transport"].default  # the shipped one
 
 def peak_rss():
     # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across fork+exec
@@ -27,7 +30,7 @@ def peak_rss():
     return int(line.split()[1]) * 1024
 
 async def main(url, n):
-    transport = make_transport("aiohttp", max_connections=100, timeout_s=10, allow_private=True)
+    transport = make_transport(TRANSPORT, max_connections=100, timeout_s=10, allow_private=True)
     async def send(_i):
         return (await transport.get_status(url))[0]
     await fan_out(send, n=100, strategy=Strategy.GATHER, concurrency=100, deadline_s=60)
@@ -43,10 +46,12 @@ QUEUED_SIZES = [1000, 5000]
 QUEUED_PROBE = """
 import asyncio, sys, tracemalloc
 from fanout.engine import Strategy, fan_out
+from fanout.settings import Settings
 from fanout.transports import make_transport
+TRANSPORT = Settings.model_fields["transport"].default  # the shipped one
 
 async def main(url, n):
-    transport = make_transport("aiohttp", max_connections=100, timeout_s=10, allow_private=True)
+    transport = make_transport(TRANSPORT, max_connections=100, timeout_s=10, allow_private=True)
     async def send(_i):
         return (await transport.get_status(url))[0]
     await fan_out(send, n=200, strategy=Strategy.SEMAPHORE, concurrency=100, deadline_s=60)

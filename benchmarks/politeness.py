@@ -34,9 +34,9 @@ from yarl import URL
 from fanout.batch import BACKOFF_BASE_S, BACKOFF_CAP_S, RETRY_STATUSES, BatchItem, BatchRunner, retry_after_s
 from fanout.engine import RequestError, Strategy
 from fanout.politeness import Politeness, TargetState
-from fanout.settings import UpstreamTarget
+from fanout.settings import Settings, UpstreamTarget
 from fanout.targets import TargetScope
-from fanout.transports import AiohttpTransport, UpstreamResponse, make_transport
+from fanout.transports import Transport, UpstreamResponse, make_transport
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 50
@@ -78,7 +78,7 @@ def without_politeness(politeness: Politeness) -> None:
 class CountingTransport:
     """The real transport, counting every status a target answered (retries included)."""
 
-    def __init__(self, inner: AiohttpTransport) -> None:
+    def __init__(self, inner: Transport) -> None:
         self.inner = inner
         self.statuses: Counter[int] = Counter()
         self.latencies_s: list[float] = []
@@ -159,7 +159,11 @@ async def fixed_k(transport: CountingTransport, items: list[BatchItem], k: int, 
 
 def run_kind(server_url: str, kind: Kind, adaptive: bool, key: str) -> dict[str, Any]:
     async def go() -> dict[str, Any]:
-        transport = CountingTransport(make_transport("aiohttp", max_connections=K, timeout_s=5, allow_private=True))
+        transport = CountingTransport(
+            make_transport(
+                Settings.model_fields["transport"].default, max_connections=K, timeout_s=5, allow_private=True
+            )
+        )
         politeness = Politeness(ceiling=K)
         scope = TargetScope.of("t", UpstreamTarget(url=server_url, allow_http=True))
         query = {name: str(value) for name, value in {**kind.query, "key": key}.items()}

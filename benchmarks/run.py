@@ -136,7 +136,7 @@ def run_matrix(
     strategies: list[tuple[str, int]],
 ) -> list[Row]:
     rows: list[Row] = []
-    candidates = make_candidates(names, POOL, server.client_ssl_context)
+    candidates = make_candidates(names, POOL, server.client_ssl_context, server.ca_pem())
     try:
         _fill(loop, section, server, candidates, ns, latencies, strategies, rows)
     finally:
@@ -191,7 +191,7 @@ def guard_cost(loop: asyncio.AbstractEventLoop, server: Server) -> dict[str, flo
     Semaphore, N=1000, k=100, latency 0: the cell where per-request overhead shows most.
     """
     url = f"{server.url}/delay?ms=0"
-    guarded, bare = make_candidates(["aiohttp", "aiohttp-unguarded"], POOL)
+    guarded, bare = make_candidates(["pyreqwest", "pyreqwest-unguarded"], POOL)
     walls: dict[str, list[float]] = {"guarded": [], "unguarded": []}
     cpus: dict[str, list[float]] = {"guarded": [], "unguarded": []}
     try:
@@ -219,13 +219,19 @@ def guard_cost(loop: asyncio.AbstractEventLoop, server: Server) -> dict[str, flo
 def tls_cold_and_warm(loop: asyncio.AbstractEventLoop, server: Server, ns: list[int]) -> list[Row]:
     """Semaphore k=100 over TLS: the first call on a new client (handshakes) and warm calls."""
     rows = run_matrix(
-        loop, "tls", server, ["aiohttp", "httpx", "httpx-http2", "floor"], ns, [0, 50], [("semaphore", 100)]
+        loop,
+        "tls",
+        server,
+        ["pyreqwest", "aiohttp", "httpx", "httpx-http2", "floor"],
+        ns,
+        [0, 50],
+        [("semaphore", 100)],
     )
-    for name in ["aiohttp", "httpx", "httpx-http2"]:
+    for name in ["pyreqwest", "aiohttp", "httpx", "httpx-http2"]:
         for n in ns:
             row = Row("tls-cold", "semaphore", n, 0, 100, name)
             for _ in range(RUNS):
-                (candidate,) = make_candidates([name], POOL, server.client_ssl_context)
+                (candidate,) = make_candidates([name], POOL, server.client_ssl_context, server.ca_pem())
                 cpu0 = time.process_time()
                 result = loop.run_until_complete(candidate.call(f"{server.url}/delay?ms=0", Strategy.SEMAPHORE, n, 100))
                 row.cpu_us_per_request += (time.process_time() - cpu0) / n * 1e6 / RUNS
@@ -243,9 +249,9 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     ns = [10, 1000] if args.quick else [10, 100, 1000, 5000]
-    names = ["baseline", "httpx", "httpx2", "httpx-aiohttp", "aiohttp", "aiohttp-unguarded", "floor"]
+    names = ["baseline", "httpx", "httpx2", "httpx-aiohttp", "aiohttp", "pyreqwest", "pyreqwest-unguarded", "floor"]
     if args.quick:
-        names = ["baseline", "httpx-aiohttp", "aiohttp", "aiohttp-unguarded", "floor"]
+        names = ["baseline", "httpx-aiohttp", "aiohttp", "pyreqwest", "pyreqwest-unguarded", "floor"]
     loop = asyncio.new_event_loop()
     rows: list[Row] = []
     with http1_upstream() as server:

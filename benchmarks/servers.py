@@ -41,6 +41,10 @@ class Server:
         self.ca.configure_trust(context)
         return context
 
+    def ca_pem(self) -> bytes | None:
+        """The certificate authority to trust for this server, as PEM (the shipped transports take it so)."""
+        return None if self.ca is None else self.ca.cert_pem.bytes()
+
     def cpu_s(self) -> float:
         """User + system CPU seconds the server process has used so far."""
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()

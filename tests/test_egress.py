@@ -1,12 +1,16 @@
 """Outbound safety (SSRF): every spelling of an inside address is refused where the connection is made.
 
-Three kinds of test, from the inside out:
+Three kinds of test, from the inside out, each transport through the same ones:
 - the classification table at block edges, each address with its expected reason;
-- live: loopback and the unspecified addresses in every spelling aiohttp accepts, against
+- live: loopback and the unspecified addresses in every spelling a client accepts, against
   listeners on 127.0.0.1 and [::1] that count connections (zero means zero bytes);
 - intercepted: addresses that are not on this machine (private ranges, metadata, NAT64,
-  site-local) with the event loop's `sock_connect` replaced by a recorder, so a guard that
-  failed would be seen trying, and still nothing would leave the machine.
+  site-local) with the connect replaced by a recorder, so a guard that failed would be seen
+  trying, and still nothing would leave the machine. aiohttp connects through the event
+  loop's `sock_connect`; pyreqwest connects in Rust, so its clients are replaced by one that
+  records where reqwest would connect (the pinned address of a name, or the literal as
+  reqwest parses it). That reqwest really goes where it is pinned is shown live, in
+  tests/test_pinning.py.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import socket
 import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
+from unittest import mock
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -30,8 +35,6 @@ from fanout.egress import (
     PRIVATE_NETWORKS,
     EgressPolicy,
     EgressRefused,
-    GuardedResolver,
-    GuardedSocketFactory,
     Reason,
     classify,
     effective_address,
@@ -39,8 +42,11 @@ from fanout.egress import (
 )
 from fanout.engine import RequestError
 from fanout.targets import TargetScope
-from fanout.transports import make_transport
+from fanout.transport_aiohttp import GuardedResolver, GuardedSocketFactory
+from fanout.transport_pyreqwest import PyreqwestTransport
+from fanout.transports import TRANSPORTS, make_transport
 from fanout_local.upstream import LocalUpstream
+from pinning_stand_ins import RecordingClient, stub_lookup
 
 T = TypeVar("T")
 R = Reason
@@ -419,23 +425,35 @@ class ConnectRecorder:
         raise ConnectionRefusedError("intercepted by the test: nothing leaves this machine")
 
 
-def run_intercepted(coro: Coroutine[Any, Any, T]) -> tuple[T | BaseException, list[tuple[str, int]]]:
+def run_intercepted(coro: Coroutine[Any, Any, T], transport: str) -> tuple[T | BaseException, list[tuple[str, int]]]:
     """Run `coro` with every connect attempt recorded instead of made; its result (or error) and the attempts."""
     recorder = ConnectRecorder()
     loop = asyncio.new_event_loop()
     loop.sock_connect = recorder.sock_connect  # type: ignore[method-assign]
+
+    def recording_client(_: Any, name: str | None, address: str | None) -> RecordingClient:
+        return RecordingClient(recorder.attempts, (name, address) if name and address else None)
+
     try:
-        result: T | BaseException = loop.run_until_complete(coro)
+        with mock.patch.object(PyreqwestTransport, "_build", recording_client):
+            result: T | BaseException = loop.run_until_complete(coro)
     except BaseException as exc:
         result = exc
     finally:
         loop.close()
-    return result, recorder.attempts
+    return result, [(str(ipaddress.ip_address(host)), port) for host, port in recorder.attempts]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each transport, through the same tests."""
+    return str(request.param)
 
 
 @pytest.fixture
 def stub_dns(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fanout.egress.ThreadedResolver", lambda: StubDns(NAMES))
+    monkeypatch.setattr("fanout.transport_aiohttp.ThreadedResolver", lambda: StubDns(NAMES))
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup(NAMES))
 
 
 def scope_for(url: str, *, private: tuple[Any, ...] = (), redirect_hosts: tuple[str, ...] = ()) -> TargetScope:
@@ -450,15 +468,15 @@ def scope_for(url: str, *, private: tuple[Any, ...] = (), redirect_hosts: tuple[
     )
 
 
-async def send_once(url: str, scope: TargetScope | None = None, *, allow_private: bool = False) -> int:
-    transport = make_transport("aiohttp", max_connections=2, timeout_s=2, allow_private=allow_private)
+async def send_once(url: str, scope: TargetScope | None = None, *, transport: str, allow_private: bool = False) -> int:
+    client = make_transport(transport, max_connections=2, timeout_s=2, allow_private=allow_private)
     try:
-        response = await transport.send(
+        response = await client.send(
             "GET", URL(url, encoded=True), headers={}, body=None, max_body_bytes=100, scope=scope or scope_for(url)
         )
         return response.status
     finally:
-        await transport.aclose()
+        await client.aclose()
 
 
 NOT_HERE = [
@@ -486,8 +504,8 @@ NOT_HERE = [
 
 
 @pytest.mark.parametrize(("url", "reason"), NOT_HERE)
-def test_inside_addresses_never_reach_connect(url: str, reason: Reason, stub_dns: None) -> None:
-    error, attempts = run_intercepted(send_once(url))
+def test_inside_addresses_never_reach_connect(url: str, reason: Reason, stub_dns: None, transport: str) -> None:
+    error, attempts = run_intercepted(send_once(url, transport=transport), transport)
     assert attempts == []
     assert isinstance(error, RequestError) and error.kind == "ForbiddenAddress"
     assert error.detail.startswith(f"refused ({reason.value}): the destination is ")
@@ -504,31 +522,37 @@ def test_inside_addresses_never_reach_connect(url: str, reason: Reason, stub_dns
         ("https://api.example.com/", ("93.184.216.34", 443)),
     ],
 )
-def test_global_addresses_go_through_to_connect(url: str, connected_to: tuple[str, int], stub_dns: None) -> None:
+def test_global_addresses_go_through_to_connect(
+    url: str, connected_to: tuple[str, int], stub_dns: None, transport: str
+) -> None:
     """The control for the test above: what is allowed reaches the (intercepted) connect."""
-    error, attempts = run_intercepted(send_once(url))
-    assert attempts[0] == connected_to
+    error, attempts = run_intercepted(send_once(url, transport=transport), transport)
+    assert attempts[0] == (str(ipaddress.ip_address(connected_to[0])), connected_to[1])
     assert isinstance(error, RequestError) and error.kind == "ConnectError"
 
 
-def test_private_target_reaches_its_networks_and_nothing_else(stub_dns: None) -> None:
+def test_private_target_reaches_its_networks_and_nothing_else(stub_dns: None, transport: str) -> None:
     inside = scope_for(
         "http://db.internal.example/", private=PRIVATE_NETWORKS, redirect_hosts=("metadata.attacker.example",)
     )
-    error, attempts = run_intercepted(send_once("http://db.internal.example/", inside))
+    error, attempts = run_intercepted(send_once("http://db.internal.example/", inside, transport=transport), transport)
     assert attempts == [("10.1.2.3", 80)]  # its own host may resolve inside
     assert isinstance(error, RequestError) and error.kind == "ConnectError"
     narrowed = scope_for("http://db.internal.example/", private=(ipaddress.ip_network("10.9.0.0/16"),))
-    error, attempts = run_intercepted(send_once("http://db.internal.example/", narrowed))
+    error, attempts = run_intercepted(
+        send_once("http://db.internal.example/", narrowed, transport=transport), transport
+    )
     assert (attempts, getattr(error, "kind", None)) == ([], "ForbiddenAddress")
     # another host of the same target gets no private access: the allowance is the target's own host's
-    error, attempts = run_intercepted(send_once("http://10.1.2.3/", inside))
+    error, attempts = run_intercepted(send_once("http://10.1.2.3/", inside, transport=transport), transport)
     assert (attempts, getattr(error, "kind", None)) == ([], "ForbiddenAddress")
 
 
-def test_metadata_stays_refused_for_a_private_target_that_asks_for_it() -> None:
+def test_metadata_stays_refused_for_a_private_target_that_asks_for_it(transport: str) -> None:
     scope = scope_for("http://169.254.169.254/", private=(ipaddress.ip_network("169.254.0.0/16"),))
-    error, attempts = run_intercepted(send_once("http://169.254.169.254/latest/", scope))
+    error, attempts = run_intercepted(
+        send_once("http://169.254.169.254/latest/", scope, transport=transport), transport
+    )
     assert attempts == []
     assert isinstance(error, RequestError) and error.detail.startswith("refused (metadata)")
 
@@ -592,51 +616,73 @@ LOCAL_SPELLINGS = [
     ("[::]", R.UNSPECIFIED),
     ("[::ffff:0.0.0.0]", R.UNSPECIFIED),
     ("[::%25]", R.UNSPECIFIED),
+    ("2130706433", R.LOOPBACK),  # 127.0.0.1 as one number: reqwest's URL parser (WHATWG) and getaddrinfo read it so
+    ("0x7f.1", R.LOOPBACK),  # hex and a short form: 127.0.0.1 again
+    ("0177.0.0.1", R.LOOPBACK),  # octal
 ]
 #: Spellings the kernel really connects to this machine with (the others fail to route or resolve).
 LIVE = {"127.0.0.1", "localhost", "[::1]", "[::1%25]", "[::ffff:127.0.0.1]", "[::ffff:127.0.0.1%25]",
-        "[::ffff:7f00:1]", "0.0.0.0", "[::]", "[::ffff:0.0.0.0]", "[::%25]"}  # fmt: skip
+        "[::ffff:7f00:1]", "0.0.0.0", "[::]", "[::ffff:0.0.0.0]", "[::%25]", "2130706433", "0x7f.1",
+        "0177.0.0.1"}  # fmt: skip
+#: What a client will not even parse, so sends nothing to, allowed or not: reqwest takes no zone id,
+#: yarl no IPv4 address that is not dotted decimal (it reads "0x7f.1" as a name, which resolves).
+UNSENDABLE = {"pyreqwest": {host for host in LIVE if "%25" in host}, "aiohttp": {"2130706433", "0177.0.0.1"}}
 
 
-def get_status(url: str, *, allow_private: bool) -> int:
+def refused_kind(transport: str, host: str) -> str:
+    """ForbiddenAddress, or InvalidURL where the client itself refuses the URL and the guard is never asked."""
+    return "InvalidURL" if host in UNSENDABLE["aiohttp"] and transport == "aiohttp" else "ForbiddenAddress"
+
+
+def get_status(url: str, *, transport: str, allow_private: bool) -> int:
     async def call() -> int:
-        transport = make_transport("aiohttp", max_connections=2, timeout_s=2, allow_private=allow_private)
+        client = make_transport(transport, max_connections=2, timeout_s=2, allow_private=allow_private)
         try:
-            return (await transport.get_status(url))[0]
+            return (await client.get_status(url))[0]
         finally:
-            await transport.aclose()
+            await client.aclose()
 
     return run(call())
 
 
 @pytest.mark.parametrize(("host", "reason"), LOCAL_SPELLINGS)
-def test_local_spellings_never_reach_a_local_listener(host: str, reason: Reason, loopback: LoopbackListener) -> None:
+def test_local_spellings_never_reach_a_local_listener(
+    host: str, reason: Reason, loopback: LoopbackListener, transport: str
+) -> None:
     with pytest.raises(RequestError) as error:
-        get_status(f"http://{host}:{loopback.port}/", allow_private=False)
-    assert error.value.kind == "ForbiddenAddress"
-    assert error.value.detail.startswith(f"refused ({reason.value})")
+        get_status(f"http://{host}:{loopback.port}/", transport=transport, allow_private=False)
     assert loopback.connections == 0
+    assert error.value.kind == refused_kind(transport, host)
+    if error.value.kind == "ForbiddenAddress":
+        assert error.value.detail.startswith(f"refused ({reason.value})")
 
 
 @pytest.mark.parametrize("host", sorted(LIVE))
-def test_those_spellings_do_reach_it_when_allowed(host: str, loopback: LoopbackListener) -> None:
+def test_those_spellings_do_reach_it_when_allowed(host: str, loopback: LoopbackListener, transport: str) -> None:
     """The control: each refused spelling above is a live way in, not a URL that fails anyway."""
-    assert get_status(f"http://{host}:{loopback.port}/", allow_private=True) == 200
+    url = f"http://{host}:{loopback.port}/"
+    if host in UNSENDABLE[transport]:
+        with pytest.raises(RequestError) as error:
+            get_status(url, transport=transport, allow_private=True)
+        assert (error.value.kind, loopback.connections) == ("InvalidURL", 0)
+        return
+    assert get_status(url, transport=transport, allow_private=True) == 200
     assert loopback.connections == 1
 
 
 @pytest.mark.parametrize(("host", "_reason"), LOCAL_SPELLINGS)
 def test_the_runtime_api_is_refused_in_every_spelling_even_when_private_is_allowed(
-    host: str, _reason: Reason, loopback: LoopbackListener, monkeypatch: pytest.MonkeyPatch
+    host: str, _reason: Reason, loopback: LoopbackListener, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
     monkeypatch.setenv("AWS_LAMBDA_RUNTIME_API", f"127.0.0.1:{loopback.port}")
     with pytest.raises(RequestError) as error:
-        get_status(f"http://{host}:{loopback.port}/2018-06-01/runtime/invocation/next", allow_private=True)
-    assert (error.value.kind, error.value.detail) == (
-        "ForbiddenAddress",
-        "refused (runtime_api): the destination is the Lambda runtime API",
-    )
+        get_status(
+            f"http://{host}:{loopback.port}/2018-06-01/runtime/invocation/next", transport=transport, allow_private=True
+        )
     assert loopback.connections == 0
+    assert error.value.kind == refused_kind(transport, host)
+    if error.value.kind == "ForbiddenAddress":
+        assert error.value.detail == "refused (runtime_api): the destination is the Lambda runtime API"
 
 
 @pytest.mark.parametrize(
@@ -645,7 +691,7 @@ def test_the_runtime_api_is_refused_in_every_spelling_even_when_private_is_allow
      "http://[::]:{port}/", "http://localhost:{port}/", "http://[::127.0.0.1]:{port}/"],
 )  # fmt: skip
 def test_a_redirect_into_a_local_spelling_is_refused_at_connect(
-    location: str, loopback: LoopbackListener, upstream: LocalUpstream
+    location: str, loopback: LoopbackListener, upstream: LocalUpstream, transport: str
 ) -> None:
     """Even where a target lists the host (the redirect rule passes), the connection is refused."""
     hostile = URL(location.format(port=loopback.port))
@@ -653,7 +699,7 @@ def test_a_redirect_into_a_local_spelling_is_refused_at_connect(
     scope = scope_for(upstream.url, private=(ipaddress.ip_network("127.0.0.1/32"),), redirect_hosts=())
     scope = TargetScope(**{**_fields(scope), "redirect_hosts": frozenset({(hostile.host or "").lower()})})
     with pytest.raises(RequestError) as error:
-        run(send_once(first, scope))
+        run(send_once(first, scope, transport=transport))
     assert error.value.kind == "ForbiddenAddress"
     assert upstream.stats.requests == 1  # the first hop was made: the redirect was really followed
     assert loopback.connections == 0
@@ -666,12 +712,16 @@ def _fields(scope: TargetScope) -> dict[str, Any]:
 # --- through the real handler: targets, redirects, private targets --------------------------------
 
 
-def batch_handler(import_handler: Any, upstreams: dict[str, Any], **env: str) -> Any:
-    return import_handler(FANOUT_UPSTREAMS=json.dumps(upstreams), FANOUT_ALLOW_PRIVATE_NETWORKS="false", **env).handler
+def batch_handler(import_handler: Any, upstreams: dict[str, Any], transport: str) -> Any:
+    return import_handler(
+        FANOUT_UPSTREAMS=json.dumps(upstreams), FANOUT_ALLOW_PRIVATE_NETWORKS="false", FANOUT_TRANSPORT=transport
+    ).handler
 
 
-def test_private_targets_are_refused_unless_marked(upstream: LocalUpstream, import_handler: Any) -> None:
-    handler = batch_handler(import_handler, {"inside": {"url": upstream.url, "allow_http": True}})
+def test_private_targets_are_refused_unless_marked(
+    upstream: LocalUpstream, import_handler: Any, transport: str
+) -> None:
+    handler = batch_handler(import_handler, {"inside": {"url": upstream.url, "allow_http": True}}, transport)
     _, body = post_batch(handler, {"requests": [{"id": "x", "target": "inside", "path": "/delay"}]})
     (item,) = body["responses"]
     assert item["error"] == {
@@ -682,13 +732,13 @@ def test_private_targets_are_refused_unless_marked(upstream: LocalUpstream, impo
     assert upstream.stats.connections == 0
 
 
-def test_a_private_target_reaches_its_own_host(upstream: LocalUpstream, import_handler: Any) -> None:
+def test_a_private_target_reaches_its_own_host(upstream: LocalUpstream, import_handler: Any, transport: str) -> None:
     upstreams = {
         "inside": {"url": upstream.url, "allow_http": True, "private": True, "allow_cidrs": ["127.0.0.1/32"]},
         "same-host-public": {"url": upstream.url, "allow_http": True},
         "inside-default": {"url": upstream.url, "allow_http": True, "private": True},
     }
-    handler = batch_handler(import_handler, upstreams)
+    handler = batch_handler(import_handler, upstreams, transport)
     requests = [
         {"id": "a", "target": "inside", "path": "/delay"},
         {"id": "b", "target": "same-host-public", "path": "/delay"},
@@ -704,10 +754,12 @@ def test_a_private_target_reaches_its_own_host(upstream: LocalUpstream, import_h
 
 
 def test_the_log_line_keeps_the_address_the_caller_never_sees(
-    upstream: LocalUpstream, import_handler: Any, capsys: pytest.CaptureFixture[str]
+    upstream: LocalUpstream, import_handler: Any, capsys: pytest.CaptureFixture[str], transport: str
 ) -> None:
     handler = batch_handler(
-        import_handler, {"inside": {"url": upstream.url.replace("127.0.0.1", "localhost"), "allow_http": True}}
+        import_handler,
+        {"inside": {"url": upstream.url.replace("127.0.0.1", "localhost"), "allow_http": True}},
+        transport,
     )
     capsys.readouterr()
     _, body = post_batch(handler, {"requests": [{"id": "x", "target": "inside", "path": "/delay"}]})

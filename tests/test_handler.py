@@ -106,13 +106,14 @@ def test_two_warm_invocations_share_loop_pool_and_connections(entry: ModuleType,
     handler, transport = entry.handler, entry.app.state.transport
     event = load_event("async_sem-http-api-v2.json")
     assert invoke(handler, event)[0] == 200
-    client = transport.client_if_open
+    clients = transport.open_clients
+    assert len(clients) == 1
     opened = upstream.stats.connections
     assert opened == LIMIT
     status, body = invoke(handler, event)
     assert status == 200 and body["succeeded"] == 20
     assert upstream.stats.connections == opened  # the second call opened no connection
-    assert transport.client_if_open is client
+    assert transport.open_clients == clients
     assert not asyncio.get_event_loop().is_closed()
 
 

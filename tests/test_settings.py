@@ -22,7 +22,7 @@ def test_defaults_match_the_documented_table(monkeypatch: pytest.MonkeyPatch) ->
     assert str(settings.target_url) == LOCAL_UPSTREAM_URL
     assert (settings.max_concurrency, settings.max_requests) == (10, 1000)
     assert (settings.request_timeout_s, settings.deadline_s) == (5.0, 25.0)
-    assert settings.transport == "aiohttp"
+    assert settings.transport == "pyreqwest"
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_defaults_match_the_documented_table(monkeypatch: pytest.MonkeyPatch) ->
         ({"FANOUT_MAX_REQUESTS": "-1"}, "FANOUT_MAX_REQUESTS"),
         ({"FANOUT_DEADLINE_S": "30"}, "FANOUT_DEADLINE_S (got '30'): Input should be less than 29"),
         ({"FANOUT_TARGET_URL": "not a url"}, "FANOUT_TARGET_URL"),
-        ({"FANOUT_TRANSPORT": "httpx"}, "FANOUT_TRANSPORT (got 'httpx'): Input should be 'aiohttp'"),
+        ({"FANOUT_TRANSPORT": "httpx"}, "FANOUT_TRANSPORT (got 'httpx'): Input should be 'pyreqwest' or 'aiohttp'"),
         (
             {"FANOUT_REQUEST_TIMEOUT_S": "20", "FANOUT_DEADLINE_S": "10"},
             "FANOUT_REQUEST_TIMEOUT_S (20.0) must not exceed FANOUT_DEADLINE_S (10.0)",

@@ -276,9 +276,9 @@ def _response(status: int, body: object, keep_alive: bool, extra_headers: tuple[
 
 
 @contextmanager
-def running_in_thread(*, delay_ms: float = 50.0) -> Iterator[LocalUpstream]:
+def running_in_thread(*, delay_ms: float = 50.0, ssl_context: ssl.SSLContext | None = None) -> Iterator[LocalUpstream]:
     """Serve on 127.0.0.1 (a free port) from a thread with its own loop, for tests and benchmarks."""
-    upstream = LocalUpstream(delay_ms=delay_ms)
+    upstream = LocalUpstream(delay_ms=delay_ms, ssl_context=ssl_context)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="local-upstream", daemon=True)
     thread.start()

@@ -2,7 +2,8 @@
 
 Modules, arrows pointing one way:
 - `engine`: the three strategies under a deadline (asyncio only);
-- `transports`: the pooled HTTP clients that carry the engine's requests;
+- `transports`: the pooled HTTP clients that carry the engine's requests (pyreqwest, pinned by
+  `pinning`, or aiohttp), each behind the guard of `egress`;
 - `settings`: per-function limits from `FANOUT_*` environment variables;
 - `observability`: logs, EMF metrics and spans of each call (Powertools, OpenTelemetry);
 - `app`: the FastAPI routes over the engine;

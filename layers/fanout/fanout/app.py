@@ -24,7 +24,7 @@ from fanout.observability import CallReport, Telemetry, UpstreamRecord, call_spa
 from fanout.politeness import retry_after_seconds
 from fanout.runner import build_runner
 from fanout.settings import Settings, load_settings
-from fanout.transports import AiohttpTransport
+from fanout.transports import Transport
 
 _DESCRIBED = {
     Strategy.SYNC: "synchronously",
@@ -38,7 +38,7 @@ SEED_TARGET = "default"
 
 
 def create_app(
-    settings: Settings | None = None, transport: AiohttpTransport | None = None, telemetry: Telemetry | None = None
+    settings: Settings | None = None, transport: Transport | None = None, telemetry: Telemetry | None = None
 ) -> FastAPI:
     """Build the app for one function; settings and telemetry come from the environment unless given."""
     settings = settings or load_settings()

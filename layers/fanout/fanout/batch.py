@@ -53,7 +53,7 @@ from fanout.engine import (
 from fanout.observability import UpstreamRecord, traced_attempt
 from fanout.politeness import UNANSWERED, Politeness, TargetLimiter, TargetReport, retry_after_seconds
 from fanout.targets import TargetScope
-from fanout.transports import AiohttpTransport, UpstreamResponse
+from fanout.transports import Transport, UpstreamResponse
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -174,7 +174,7 @@ class BatchRunner:
 
     def __init__(
         self,
-        transport: AiohttpTransport,
+        transport: Transport,
         *,
         max_attempts: int,
         max_item_bytes: int,

@@ -5,13 +5,11 @@ redirect can still point inside: the VPC, the instance metadata at 169.254.169.2
 the Lambda runtime API on 127.0.0.1:9001. So the decision is made on the exact
 address the kernel is about to be handed, after every parse and every lookup:
 
-- `GuardedSocketFactory` is aiohttp's `socket_factory`. The connector calls it with
-  the sockaddr it will connect to, for names and IP literals alike (aiohttp never
-  resolves a literal, and takes any host with a ":" for one). This is the check
-  that cannot be walked around: the role of `net.Dialer.Control` in daenney/ssrf.
-- `GuardedResolver` refuses a name if any of its addresses is refused, so a DNS
-  answer mixing a public and an inside address never gets the chance to fall back
-  to the inside one, and its error names the name.
+- with aiohttp, at the socket its connector is about to connect
+  (fanout.transport_aiohttp): the role of `net.Dialer.Control` in daenney/ssrf;
+- with pyreqwest, which connects in Rust and has no such hook, by pinning: every
+  name is resolved and checked here and the client is handed only the checked
+  address (fanout.pinning), every literal is checked as the client parses it.
 
 Deny by default (stripe/smokescreen's `classifyAddr`): `classify` gives one
 `Reason` per address. IPv6 outside 2000::/3 is refused; IPv4 carried inside IPv6
@@ -26,7 +24,7 @@ instance metadata (169.254.0.0/16, fd00:ec2::254), the Lambda runtime API's port
 on any loopback or unspecified address, and unparseable hosts.
 
 Why our own: the maintained SSRF libraries looked at (drawbridge, egressweave,
-httpx-secure) each wrap httpx; none plugs into aiohttp's connector.
+httpx-secure) each wrap httpx; none plugs into aiohttp's connector or pyreqwest.
 """
 
 from __future__ import annotations
@@ -34,13 +32,8 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from aiohappyeyeballs import AddrInfoType
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
 
 FORBIDDEN_ADDRESS = "ForbiddenAddress"
 RUNTIME_API_ENV = "AWS_LAMBDA_RUNTIME_API"
@@ -246,38 +239,3 @@ class EgressPolicy:
         reason = self.refusal(address, port)
         if reason is not None:
             raise EgressRefused(reason, host, address, port)
-
-
-class GuardedSocketFactory:
-    """aiohttp's `socket_factory`: a socket only for an address the policy allows."""
-
-    def __init__(self, policy: EgressPolicy) -> None:
-        self.policy = policy
-
-    def __call__(self, addr_info: AddrInfoType) -> socket.socket:
-        family, kind, proto, _, sockaddr = addr_info
-        host, port = str(sockaddr[0]), int(sockaddr[1])
-        self.policy.check(host, host, port)
-        return socket.socket(family=family, type=kind, proto=proto)
-
-
-class GuardedResolver(AbstractResolver):
-    """aiohttp's resolver, refusing a name if any address it resolves to is refused."""
-
-    def __init__(self, policy: EgressPolicy, inner: AbstractResolver | None = None) -> None:
-        self.policy = policy
-        self.inner = inner or ThreadedResolver()
-
-    async def resolve(
-        self,
-        host: str,
-        port: int = 0,  # pragma: no mutate (aiohttp always passes the port)
-        family: socket.AddressFamily = socket.AF_INET,
-    ) -> list[ResolveResult]:
-        results = await self.inner.resolve(host, port, family)
-        for result in results:
-            self.policy.check(host, result["host"], port)
-        return results
-
-    async def close(self) -> None:
-        await self.inner.close()

@@ -6,10 +6,10 @@ from __future__ import annotations
 from fanout.batch import BatchRunner
 from fanout.politeness import Politeness
 from fanout.settings import Settings
-from fanout.transports import AiohttpTransport, make_transport
+from fanout.transports import Transport, make_transport
 
 
-def build_runner(settings: Settings, transport: AiohttpTransport | None = None) -> BatchRunner:
+def build_runner(settings: Settings, transport: Transport | None = None) -> BatchRunner:
     """The runner, its `transport` (made from the settings unless given) and its `politeness`."""
     transport = transport or make_transport(
         settings.transport,

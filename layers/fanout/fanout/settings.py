@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     max_requests: int = Field(default=1000, ge=1, le=100_000, description="Largest n one call may ask for.")
     request_timeout_s: float = Field(default=5.0, gt=0, le=API_GATEWAY_LIMIT_S)
     deadline_s: float = Field(default=25.0, gt=0, lt=API_GATEWAY_LIMIT_S)
-    transport: TransportName = Field(default="aiohttp", description="What carries the requests (benchmarks/).")
+    transport: TransportName = Field(default="pyreqwest", description="What carries the requests (benchmarks/).")
     allow_private_networks: bool = Field(
         default=False, description="Let requests reach loopback/private addresses: local runs and tests only."
     )

@@ -1,0 +1,278 @@
+"""pyreqwest (Rust's reqwest and hyper) behind the egress guard, by pinning.
+
+reqwest connects in Rust, where no Python hook can see the socket. So nothing it
+connects to is left to it: before a request goes out, `_client_for` reads the URL
+as reqwest will (fanout.pinning.destination) and
+- a literal address is checked against the request's policy as it stands;
+- a name is looked up by us and every address of the answer is checked; the request
+  then goes through that name's own client, built with the name pinned to the
+  checked address (reqwest's `resolve`), so reqwest never asks DNS. When a later
+  lookup gives another first address, the name gets a new client.
+Nothing else can make reqwest connect: no proxies (its environment proxies are
+cleared), no redirects of its own, no cookies. The checks are cached per address,
+port and policy: they cost a dict lookup per request.
+
+reqwest's own decompression is off: bodies are decoded by `read_capped`, bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from pyreqwest.client import Client, ClientBuilder
+from pyreqwest.exceptions import (
+    BodyDecodeError,
+    ConnectError,
+    ConnectTimeoutError,
+    PyreqwestError,
+    ReadError,
+    RequestTimeoutError,
+    WriteError,
+)
+from yarl import URL
+
+from fanout.egress import EgressPolicy, EgressRefused, IPNetwork, Reason, parse_address
+from fanout.engine import RequestError
+from fanout.pinning import Pins, destination
+from fanout.transports import (
+    CHUNK_BYTES,
+    DISCARD_BYTES,
+    REDIRECT_STATUSES,
+    Transport,
+    UpstreamResponse,
+    decoded_headers,
+    read_capped,
+    refused_error,
+)
+
+#: In reqwest's chain of causes when the connect itself failed or timed out.
+CONNECTING = "client error (Connect)"
+#: ... when the server closed the connection without (a whole) answer: aiohttp's ServerDisconnectedError.
+CLOSED_EARLY = "connection closed before message completed"
+#: The key of the one client that serves literal addresses (it has no pins).
+LITERALS = ""
+
+
+class PyreqwestTransport(Transport):
+    """One pyreqwest client per pinned name, and one for literal addresses."""
+
+    def __init__(self, *, extra_ca_pem: bytes | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.extra_ca_pem = extra_ca_pem
+        self._pins = Pins()
+        self._pinned: dict[str, str] = {}  # name -> the address its client is pinned to
+        self._retired: list[Client] = []  # clients of names whose address changed: closed with the transport
+        # Verdicts by address, port and the policy's networks, held by identity: hashing a tuple of
+        # ip_network objects costs more than the rest of the check. The entry keeps its networks
+        # alive, so their id is never reused while the entry exists.
+        self._verdicts: dict[tuple[str, int, int], tuple[tuple[IPNetwork, ...], Reason | None]] = {}
+
+    async def get_status(self, url: str) -> tuple[int, str | None]:
+        async with self._slot(None):
+            try:
+                networks = self._networks(())
+                client = self._ready_client(url, networks) or await self._client_for(url, networks)
+                async with client.get(url).build_streamed() as response:
+                    await _discard(response)
+                    return response.status, _retry_after(response)
+            except RequestError:
+                raise
+            except Exception as exc:
+                raise _request_error(exc) from exc
+
+    async def _exchange(
+        self,
+        method: str,
+        url: URL,
+        *,
+        headers: dict[str, str],
+        body: bytes | None,
+        timeout_s: float,
+        max_body_bytes: int,
+        networks: tuple[IPNetwork, ...],
+        follow: bool,
+    ) -> UpstreamResponse:
+        text = str(url)
+        try:
+            client = self._ready_client(text, networks) or await self._client_for(text, networks)
+            request = client.request(method, text).headers(headers).timeout(timedelta(seconds=timeout_s))
+            if body is not None:
+                request = request.body_bytes(body)
+            async with request.build_streamed() as response:
+                answer = _response_headers(response)
+                if follow and response.status in REDIRECT_STATUSES and "location" in answer:
+                    await _discard(response)
+                    return UpstreamResponse(response.status, answer, b"", False)
+                data, truncated, decoded = await read_capped(
+                    _chunks(response), answer.get("content-encoding", ""), max_body_bytes
+                )
+                return UpstreamResponse(response.status, decoded_headers(answer, decoded), data, truncated)
+        except RequestError:
+            raise
+        except Exception as exc:
+            raise _request_error(exc) from exc
+
+    def _ready_client(self, url: str, networks: tuple[IPNetwork, ...]) -> Client | None:
+        """The fast path of `_client_for`, without a coroutine: None when a name's answer must be looked up."""
+        self._bound_loop()
+        try:
+            where = destination(url)
+        except ValueError as exc:
+            raise self._unsendable(url, networks) from exc
+        if where.address is not None:
+            self._check(where.host, where.address, where.port, networks)
+            return self._bound_client(LITERALS)
+        pin = self._pins.current(where.host)
+        if pin is None or self._pinned.get(where.host) != pin.address:
+            return None
+        for address in pin.addresses:
+            self._check(where.host, address, where.port, networks)
+        return self._clients[where.host]
+
+    async def _client_for(self, url: str, networks: tuple[IPNetwork, ...]) -> Client:
+        """The client to send `url` with, once where it would connect is allowed; else EgressRefused."""
+        where = destination(url)  # _ready_client parsed it: a literal never gets here
+        pin = await self._pins.get(where.host)
+        for address in pin.addresses:
+            self._check(where.host, address, where.port, networks)
+        client = self._clients.get(where.host)
+        if client is None or self._pinned.get(where.host) != pin.address:
+            if client is not None:
+                self._retired.append(client)
+            client = self._clients[where.host] = self._build(where.host, pin.address)
+            self._pinned[where.host] = pin.address
+        return client
+
+    def _check(self, host: str, address: str, port: int, networks: tuple[IPNetwork, ...]) -> None:
+        key = (address, port, id(networks))
+        verdict = self._verdicts.get(key)
+        if verdict is None or verdict[0] is not networks:
+            policy = EgressPolicy.from_env(allowed_networks=networks)
+            verdict = self._verdicts[key] = (networks, policy.refusal(address, port))
+        reason = verdict[1]
+        if reason is not None:
+            raise EgressRefused(reason, host, address, port)
+
+    def _unsendable(self, url: str, networks: tuple[IPNetwork, ...]) -> Exception:
+        """Why a URL reqwest would not even parse is refused: the guard's reason when its host reads as an
+        address (`[::1%25]`: a zone id), so no spelling of a local address is reported as anything else."""
+        parsed = URL(url, encoded=True)
+        host = parsed.host or ""
+        if parse_address(host) is not None:
+            try:
+                self._check(host, host, parsed.port or 0, networks)
+            except EgressRefused as refused:
+                return refused
+        return RequestError("InvalidURL", f"the client cannot send to {url}")
+
+    def _open(self, key: Any) -> Client:
+        return self._build(None, None)
+
+    def _build(self, name: str | None, address: str | None) -> Client:
+        """A client that connects `name` to `address` only (or, with no name, serves literals only)."""
+        builder = (
+            ClientBuilder()
+            .no_proxy()
+            .follow_redirects(False)
+            .gzip(False)
+            .deflate(False)
+            .brotli(False)
+            .zstd(False)
+            .referer(False)
+            .max_connections(self.max_connections)
+            .timeout(timedelta(seconds=self.timeout_s))
+            .connect_timeout(timedelta(seconds=self.timeout_s))  # tells a connect that timed out from a late answer
+            .user_agent("fanout")
+        )
+        if name is not None and address is not None:
+            builder = builder.resolve(name, address, 0)  # the port is the URL's; reqwest ignores this one
+        if self.extra_ca_pem is not None:
+            builder = builder.add_root_certificate_pem(self.extra_ca_pem)
+        return builder.build()
+
+    def _on_new_loop(self) -> None:
+        self._pins, self._pinned, self._retired = Pins(), {}, []
+
+    async def aclose(self) -> None:
+        retired, self._retired = self._retired, []
+        for client in retired:
+            await client.close()
+        await super().aclose()
+
+
+async def _chunks(response: Any) -> AsyncIterator[bytes]:
+    reader = response.body_reader
+    while (chunk := await reader.read(CHUNK_BYTES)) is not None:
+        yield bytes(chunk)
+
+
+async def _discard(response: Any) -> None:
+    """Read a body we do not keep, so the connection can be reused; past DISCARD_BYTES, drop it instead."""
+    reader, size = response.body_reader, 0
+    while (chunk := await reader.read(CHUNK_BYTES)) is not None:
+        size += len(chunk)
+        if size > DISCARD_BYTES:
+            return  # leaving the stream with its body unread closes the connection
+
+
+def _response_headers(response: Any) -> dict[str, str]:
+    """Header names in lower case, as text. pyreqwest gives no bytes of a value that is not UTF-8, so
+    such a value reads as U+FFFD (aiohttp's transport replaces each bad byte the same way)."""
+    headers = response.headers
+    try:
+        return {name.lower(): value for name, value in headers.items()}
+    except ValueError:
+        return {name.lower(): _last_value(headers, name) for name in dict.fromkeys(headers.keys())}
+
+
+def _last_value(headers: Any, name: str) -> str:
+    try:
+        return str(headers.getall(name)[-1])
+    except ValueError:
+        return "\ufffd"
+
+
+def _retry_after(response: Any) -> str | None:
+    try:
+        return response.get_header("retry-after")
+    except ValueError:  # not UTF-8, so not a number of seconds or a date either
+        return None
+
+
+def _request_error(exc: BaseException) -> RequestError:
+    return refused_error(exc) or RequestError(_error_kind(exc), _message(exc))
+
+
+def _error_kind(exc: BaseException) -> str:
+    """Our name for what went wrong. reqwest calls anything before the headers a connection error; only
+    a chain with CONNECTING really failed to connect."""
+    connected = CONNECTING not in _causes(exc)
+    if isinstance(exc, ConnectTimeoutError) and connected:
+        return "ReadTimeout"
+    if isinstance(exc, ConnectError) and connected:
+        return "RemoteProtocolError" if CLOSED_EARLY in _causes(exc) else "ReadError"
+    kinds: list[tuple[type[BaseException], str]] = [
+        (BodyDecodeError, "ReadError"),  # the body broke off: reqwest reports it as undecodable
+        (ConnectTimeoutError, "ConnectTimeout"),
+        (RequestTimeoutError, "ReadTimeout"),
+        (ConnectError, "ConnectError"),
+        (ReadError, "ReadError"),
+        (WriteError, "WriteError"),
+        (PyreqwestError, "RemoteProtocolError"),  # hyper's parse errors and early closes
+    ]
+    return next((kind for cls, kind in kinds if isinstance(exc, cls)), type(exc).__name__)
+
+
+def _causes(exc: BaseException) -> list[str]:
+    """reqwest's chain of causes, outermost first: ['error sending request ...', 'client error (Connect)', ...]."""
+    details = getattr(exc, "details", None) or {}
+    return [str(cause.get("message", "")) for cause in details.get("causes") or []]
+
+
+def _message(exc: BaseException) -> str:
+    """reqwest's message and its innermost cause: 'connection error: Connection refused (os error 111)'."""
+    found = _causes(exc)
+    message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return f"{message}: {found[-1]}" if found else message
