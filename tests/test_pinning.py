@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import socket
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -154,6 +155,54 @@ def test_a_changed_answer_is_followed_after_the_ttl_with_a_new_client(monkeypatc
     assert (before, after) == (1, 1)  # the name's client was replaced, not added to
 
 
+def test_a_round_robin_answer_keeps_the_pinned_address_and_its_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {"upstream.test": ["127.0.0.2", "127.0.0.3"]}
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup(answers))
+    monkeypatch.setattr("fanout.pinning.PIN_TTL_S", 0.0)
+
+    async def call(listeners: Listeners) -> tuple[dict[str, int], int]:
+        client = transport()
+        try:
+            url = f"http://upstream.test:{listeners.port}/"
+            await client.get_status(url)
+            answers["upstream.test"] = ["127.0.0.3", "127.0.0.2"]  # the next DNS answer, rotated
+            await client.get_status(url)
+            return dict(listeners.connections), client.retired_clients
+        finally:
+            await client.aclose()
+
+    assert run(with_listeners(["127.0.0.2", "127.0.0.3"], call)) == ({"127.0.0.2": 1, "127.0.0.3": 0}, 0)
+
+
+def test_a_replaced_client_is_closed_once_its_requests_have_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {"upstream.test": ["127.0.0.2"]}
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup(answers))
+    monkeypatch.setattr("fanout.pinning.PIN_TTL_S", 0.0)
+
+    async def call(listeners: Listeners) -> list[int]:
+        client = make_transport("pyreqwest", max_connections=4, timeout_s=0.2, allow_private=True)
+        assert isinstance(client, PyreqwestTransport)
+        url = f"http://upstream.test:{listeners.port}/"
+        kept = []
+        try:
+            for address in ["127.0.0.3", "127.0.0.2"]:  # each next request gets a new client
+                await client.get_status(url)
+                kept.append(client.retired_clients)
+                answers["upstream.test"] = [address]
+            await client.get_status(url)
+            kept.append(client.retired_clients)
+            await asyncio.sleep(0.25)  # past timeout_s: no request of a replaced client can be running
+            answers["upstream.test"] = ["127.0.0.3"]
+            await client.get_status(url)
+            kept.append(client.retired_clients)
+        finally:
+            await client.aclose()
+        return kept
+
+    # two replaced before the pause and kept (their requests might run); the third replacement closes them
+    assert run(with_listeners(["127.0.0.2", "127.0.0.3"], call)) == [0, 1, 2, 1]
+
+
 def test_an_answer_that_turns_inside_is_refused_before_sending(monkeypatch: pytest.MonkeyPatch) -> None:
     """DNS rebinding: the name first resolves where its target may go, then to the runtime's own host."""
     answers = {"upstream.test": ["127.0.0.2"]}
@@ -272,3 +321,40 @@ def test_tls_is_verified_against_the_roots_given(name: str, authority: trustme.C
         run(get(None))
     assert untrusted.value.kind == "ConnectError"
     assert tls_upstream.stats.requests == 1  # the untrusted handshake sent no request
+
+
+# --- error names: the same whatever the transport ------------------------------------------------------
+
+
+@pytest.fixture
+def full_backlog() -> Iterator[int]:
+    """A port whose listener never accepts and whose queue is full: a connect to it never completes."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    waiting = []
+    for _ in range(3):
+        pending = socket.socket()
+        pending.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            pending.connect(("127.0.0.1", port))
+        waiting.append(pending)
+    yield port
+    for pending in waiting:
+        pending.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_a_connect_that_never_completes_is_a_connect_timeout(name: str, full_backlog: int) -> None:
+    async def get() -> int:
+        client = make_transport(name, max_connections=2, timeout_s=0.3, allow_private=True)
+        try:
+            return (await client.get_status(f"http://127.0.0.1:{full_backlog}/"))[0]
+        finally:
+            await client.aclose()
+
+    with pytest.raises(RequestError) as error:
+        run(get())
+    assert error.value.kind == "ConnectTimeout"

@@ -8,7 +8,8 @@ connects in Rust (pyreqwest) and so offers no connect hook, only a static DNS en
   caller (one refused address refuses the name, as fanout.transport_aiohttp's
   resolver does), and the name's client is built with the name pinned to the first
   address: the client never asks DNS itself. An answer is kept `PIN_TTL_S`, then
-  looked up again; concurrent requests for a name share one lookup.
+  looked up again (the pinned address stays while the answer holds it); concurrent
+  requests for a name share one lookup.
 """
 
 from __future__ import annotations
@@ -100,5 +101,13 @@ class Pins:
             raise RequestError("ConnectError", f"cannot resolve {name}: {exc}") from exc
         if not addresses:
             raise RequestError("ConnectError", f"{name} resolves to no address")
-        pin = self._pins[name] = Pin(addresses, time.monotonic() + self.ttl_s)
+        pin = self._pins[name] = Pin(_keeping(self._pins.get(name), addresses), time.monotonic() + self.ttl_s)
         return pin
+
+
+def _keeping(previous: Pin | None, addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """`addresses` with the pinned one first while the answer still holds it: a round-robin answer
+    (the same addresses in another order) keeps the name's client and its connections."""
+    if previous is None or previous.address not in addresses:
+        return addresses
+    return (previous.address, *(address for address in addresses if address != previous.address))

@@ -33,6 +33,7 @@ from fanout.egress import EgressPolicy, IPNetwork
 from fanout.engine import RequestError
 from fanout.transports import (
     CHUNK_BYTES,
+    CONNECT_SHARE,
     DISCARD_BYTES,
     REDIRECT_STATUSES,
     Transport,
@@ -109,7 +110,7 @@ class AiohttpTransport(Transport):
         follow: bool,
     ) -> UpstreamResponse:
         session: aiohttp.ClientSession = self._bound_client(networks)
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=timeout_s * CONNECT_SHARE)
         try:
             async with session.request(
                 method, url, headers=headers, data=body, allow_redirects=False, timeout=timeout
@@ -147,7 +148,7 @@ class AiohttpTransport(Transport):
         # cookie one upstream response sets must never ride along on another caller's request.
         return aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.timeout_s * CONNECT_SHARE),
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
             auto_decompress=False,  # read_capped decompresses, with its output bounded

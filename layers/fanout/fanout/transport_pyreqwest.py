@@ -17,6 +17,7 @@ reqwest's own decompression is off: bodies are decoded by `read_capped`, bounded
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -38,6 +39,7 @@ from fanout.engine import RequestError
 from fanout.pinning import Pins, destination
 from fanout.transports import (
     CHUNK_BYTES,
+    CONNECT_SHARE,
     DISCARD_BYTES,
     REDIRECT_STATUSES,
     Transport,
@@ -63,7 +65,7 @@ class PyreqwestTransport(Transport):
         self.extra_ca_pem = extra_ca_pem
         self._pins = Pins()
         self._pinned: dict[str, str] = {}  # name -> the address its client is pinned to
-        self._retired: list[Client] = []  # clients of names whose address changed: closed with the transport
+        self._retired: list[tuple[float, Client]] = []  # (when, client) of names whose address changed
         # Verdicts by address, port and the policy's networks, held by identity: hashing a tuple of
         # ip_network objects costs more than the rest of the check. The entry keeps its networks
         # alive, so their id is never reused while the entry exists.
@@ -140,10 +142,20 @@ class PyreqwestTransport(Transport):
         client = self._clients.get(where.host)
         if client is None or self._pinned.get(where.host) != pin.address:
             if client is not None:
-                self._retired.append(client)
+                await self._retire(client)
             client = self._clients[where.host] = self._build(where.host, pin.address)
             self._pinned[where.host] = pin.address
         return client
+
+    async def _retire(self, client: Client) -> None:
+        """Put a replaced client aside, and close those replaced over `timeout_s` ago: no request of
+        theirs can still be running, since every request ends within `timeout_s`."""
+        now = time.monotonic()
+        self._retired.append((now, client))
+        ended = [old for when, old in self._retired if when < now - self.timeout_s]
+        self._retired = [(when, old) for when, old in self._retired if when >= now - self.timeout_s]
+        for old in ended:
+            await old.close()
 
     def _check(self, host: str, address: str, port: int, networks: tuple[IPNetwork, ...]) -> None:
         key = (address, port, id(networks))
@@ -183,7 +195,7 @@ class PyreqwestTransport(Transport):
             .referer(False)
             .max_connections(self.max_connections)
             .timeout(timedelta(seconds=self.timeout_s))
-            .connect_timeout(timedelta(seconds=self.timeout_s))  # tells a connect that timed out from a late answer
+            .connect_timeout(timedelta(seconds=self.timeout_s * CONNECT_SHARE))
             .user_agent("fanout")
         )
         if name is not None and address is not None:
@@ -195,9 +207,14 @@ class PyreqwestTransport(Transport):
     def _on_new_loop(self) -> None:
         self._pins, self._pinned, self._retired = Pins(), {}, []
 
+    @property
+    def retired_clients(self) -> int:
+        """Replaced clients not closed yet (they close `timeout_s` after they were replaced)."""
+        return len(self._retired)
+
     async def aclose(self) -> None:
         retired, self._retired = self._retired, []
-        for client in retired:
+        for _, client in retired:
             await client.close()
         await super().aclose()
 
