@@ -21,7 +21,16 @@ N, K, ROUNDS = 2000, 100, 15
 #: "handler" is the function as shipped (pyreqwest on uvloop: fanout.transports, fanout.lambda_loop);
 #: "handler+aiohttp" the same on the aiohttp transport, "handler+asyncio" on asyncio's own loop. The raw
 #: clients have no engine and no guard: a semaphore of k over a gather of n.
-CONFIGURATIONS = ["aiohttp", "aiohttp+uvloop", "pyreqwest+uvloop", "handler", "handler+aiohttp", "handler+asyncio"]
+#: aiosonic is the candidate that lost to pyreqwest (its connector takes a resolver, so the guard would fit).
+CONFIGURATIONS = [
+    "aiohttp",
+    "aiohttp+uvloop",
+    "aiosonic+uvloop",
+    "pyreqwest+uvloop",
+    "handler",
+    "handler+aiohttp",
+    "handler+asyncio",
+]
 
 #: A configuration's process: warm up, then one round per line on stdin; answers on lines that begin
 #: with "@@" (the handler's own log and metric lines share stdout, as on Lambda).
@@ -61,6 +70,30 @@ if name.startswith("handler"):
         if response["statusCode"] != 200:
             sys.exit(f"the handler answered {response['statusCode']}: {response['body'][:300]}")
         return json.loads(response["body"])["failed"]
+elif name.startswith("aiosonic"):
+    import aiosonic
+    from aiosonic.pools import PoolConfig
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    client = None
+
+    async def call():
+        global client
+        if client is None:
+            client = aiosonic.HTTPClient(aiosonic.TCPConnector(pool_configs={":default": PoolConfig(size=k)}))
+        limit = asyncio.Semaphore(k)
+
+        async def get():
+            async with limit:
+                response = await client.get(url)
+                await response.content()
+                return response.status_code
+
+        statuses = await asyncio.gather(*(get() for _ in range(n)))
+        return sum(1 for s in statuses if s != 200)
+
+    def one_round():
+        return loop.run_until_complete(call())
 elif name.startswith("pyreqwest"):
     from pyreqwest.client import ClientBuilder
     loop = asyncio.new_event_loop()

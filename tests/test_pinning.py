@@ -26,7 +26,7 @@ from yarl import URL
 
 from conftest import run
 from fanout.engine import RequestError
-from fanout.pinning import destination
+from fanout.pinning import Pin, Pins, destination
 from fanout.targets import TargetScope
 from fanout.transport_pyreqwest import PyreqwestTransport
 from fanout.transports import TRANSPORTS, make_transport
@@ -245,6 +245,42 @@ def test_a_name_that_does_not_resolve_is_a_connect_error(monkeypatch: pytest.Mon
     assert client.open_clients == ()
 
 
+# --- Pins alone ---------------------------------------------------------------------------------------
+
+
+def test_an_answer_is_kept_for_its_ttl_then_looked_up_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup({"a.test": ["192.0.2.1"]}, calls))
+
+    async def twice(pins: Pins) -> tuple[Pin, Pin]:
+        return await pins.get("a.test"), await pins.get("a.test")
+
+    first, second = run(twice(Pins(ttl_s=60)))
+    assert (first.addresses, second is first, calls) == (("192.0.2.1",), True, ["a.test"])
+    run(twice(Pins(ttl_s=0)))
+    assert calls == ["a.test"] * 3
+
+
+def test_a_new_answer_keeps_the_pinned_address_first_and_every_other_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = {"a.test": ["192.0.2.1"]}
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup(answers))
+    pins = Pins(ttl_s=0)
+    assert run(pins.get("a.test")).addresses == ("192.0.2.1",)
+    answers["a.test"] = ["192.0.2.7", "192.0.2.1", "192.0.2.9"]
+    assert run(pins.get("a.test")).addresses == ("192.0.2.1", "192.0.2.7", "192.0.2.9")
+    answers["a.test"] = ["192.0.2.9", "192.0.2.7"]  # the pinned one is gone: the answer's own order
+    assert run(pins.get("a.test")).addresses == ("192.0.2.9", "192.0.2.7")
+
+
+def test_an_empty_answer_is_a_connect_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup({"empty.test": []}))
+    with pytest.raises(RequestError) as error:
+        run(Pins().get("empty.test"))
+    assert (error.value.kind, error.value.detail) == ("ConnectError", "empty.test resolves to no address")
+
+
 # --- the host as reqwest reads it -------------------------------------------------------------------
 
 IPV4 = st.integers(min_value=0, max_value=2**32 - 1)
@@ -284,8 +320,11 @@ def test_a_name_is_a_name_in_lower_case(name: str) -> None:
     assert (where.host, where.address) == (name, None)
 
 
-@pytest.mark.parametrize("url", ["http://[::1%25lo]/", "http://a b/", "http://[::1/", "http://host:99999/"])
-def test_what_reqwest_would_not_parse_is_refused_as_such(url: str) -> None:
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1%25lo]/", "http://a b/", "http://[::1/", "http://host:99999/", "gopher://host/", "mailto:x@host"],
+)
+def test_what_reqwest_would_not_parse_or_connect_to_is_refused_as_such(url: str) -> None:
     with pytest.raises(ValueError):
         destination(url)
 

@@ -25,10 +25,10 @@ from fanout.engine import RequestError
 
 #: How long a name's answer is used before it is looked up again. The system resolver gives no TTL;
 #: a minute follows a moved upstream soon enough and costs one lookup per name per minute.
-PIN_TTL_S = 60.0
+PIN_TTL_S = 60.0  # pragma: no mutate (a choice of how long, not a rule a test could hold)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True)  # pragma: no mutate (values: nothing assigns to them)
 class Destination:
     """A URL's host and port as the client reads them; `address` is set when the host is a literal."""
 
@@ -37,7 +37,7 @@ class Destination:
     address: str | None
 
 
-@functools.lru_cache(maxsize=4096)  # the seed routes send one URL thousands of times: parse it once
+@functools.lru_cache(maxsize=4096)  # pragma: no mutate (the seed routes send one URL thousands of times)
 def destination(url: str) -> Destination:
     """Where the client would connect for `url`; ValueError when it would not take the URL at all."""
     from pyreqwest.http import Url
@@ -53,7 +53,7 @@ def destination(url: str) -> Destination:
         return Destination(host, port, None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True)  # pragma: no mutate (values: nothing assigns to them)
 class Pin:
     """A name's answer: every address (each one checked), the first one pinned, until `expires`."""
 
@@ -82,7 +82,9 @@ class Pins:
     def current(self, name: str) -> Pin | None:
         """The name's answer if it has not expired, without waiting."""
         pin = self._pins.get(name)
-        return pin if pin is not None and pin.expires > time.monotonic() else None
+        return (
+            pin if pin is not None and pin.expires > time.monotonic() else None
+        )  # equivalent: Gt -> GtE (this instant)
 
     async def get(self, name: str) -> Pin:
         pin = self.current(name)
