@@ -431,8 +431,8 @@ def run_intercepted(coro: Coroutine[Any, Any, T], transport: str) -> tuple[T | B
     loop = asyncio.new_event_loop()
     loop.sock_connect = recorder.sock_connect  # type: ignore[method-assign]
 
-    def recording_client(_: Any, name: str | None, address: str | None) -> RecordingClient:
-        return RecordingClient(recorder.attempts, (name, address) if name and address else None)
+    def recording_client(_: Any, pin: tuple[str, str] | None) -> RecordingClient:
+        return RecordingClient(recorder.attempts, pin)
 
     try:
         with mock.patch.object(PyreqwestTransport, "_build", recording_client):

@@ -39,7 +39,7 @@ DEFAULT_TARGETS = [
     "fanout/targets.py=tests/test_targets.py",
     "fanout/engine.py=tests/test_engine.py",
     "fanout/pinning.py=tests/test_pinning.py,tests/test_egress.py",
-    "fanout/transport_pyreqwest.py=tests/test_pinning.py,tests/test_egress.py,tests/test_engine.py",
+    "fanout/transport_pyreqwest.py=tests/test_transports.py,tests/test_pinning.py,tests/test_egress.py",
     "fanout/batch.py=tests/test_batch.py,tests/test_observability.py,tests/test_politeness.py",
 ]
 

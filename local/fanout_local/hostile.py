@@ -9,7 +9,9 @@ Each is served by `LocalUpstream` under its path (GET, query parameters optional
 - `/json?kind=nan|infinity|big|surrogate|deep` (`&depth=50000`): JSON Python reads but cannot write back;
 - `/many-headers?n=10000`: that many response headers;
 - `/non-utf8`: a text body and a header value that are not UTF-8;
-- `/quotes?n=262144`: a text body of `n` double quotes (each escaped twice on its way to the caller).
+- `/quotes?n=262144`: a text body of `n` double quotes (each escaped twice on its way to the caller);
+- `/encoded?as=gzip|deflate|raw-deflate|br` (`&bad=1`): "hello, encoded" with that Content-Encoding,
+  whether asked for or not (`br` is never asked for, and is sent as is), or bytes that do not decode.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ def _gzip_member() -> bytes:
     compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
     chunk = bytes(1 << 20)
     return b"".join([*(compressor.compress(chunk) for _ in range(64)), compressor.flush()])
+
+
+def _encoded(body: bytes, encoding: str) -> bytes:
+    """`body` compressed as `encoding` says; for `br`, the body as is (a client must not decode what it did
+    not ask for)."""
+    wbits = {"gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS, "raw-deflate": -zlib.MAX_WBITS}
+    if encoding not in wbits:
+        return body
+    compressor = zlib.compressobj(6, zlib.DEFLATED, wbits[encoding])
+    return compressor.compress(body) + compressor.flush()
 
 
 def _head(status: str, headers: list[tuple[str, str]], keep_alive: bool) -> bytes:
@@ -95,6 +107,12 @@ async def _answer(path: str, query: dict[str, str], writer: asyncio.StreamWriter
             body, headers = b"caf\xe9 \xff\xfe", [("content-type", "text/plain"), ("x-legacy", "caf\xe9")]
         else:
             body, headers = b'"' * int(query.get("n", "262144")), [("content-type", "text/plain")]
+        writer.write(_head("200 OK", [*headers, ("content-length", str(len(body)))], keep_alive) + body)
+        return True
+    if path == "/encoded":
+        encoding = query.get("as", "gzip")
+        body = b"not compressed at all" if query.get("bad") else _encoded(b"hello, encoded", encoding)
+        headers = [("content-type", "text/plain"), ("content-encoding", encoding.removeprefix("raw-"))]
         writer.write(_head("200 OK", [*headers, ("content-length", str(len(body)))], keep_alive) + body)
         return True
     if path == "/many-headers":

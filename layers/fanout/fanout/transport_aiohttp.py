@@ -36,6 +36,7 @@ from fanout.transports import (
     CONNECT_SHARE,
     DISCARD_BYTES,
     REDIRECT_STATUSES,
+    USER_AGENT,
     Transport,
     UpstreamResponse,
     decoded_headers,
@@ -152,6 +153,7 @@ class AiohttpTransport(Transport):
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
             auto_decompress=False,  # read_capped decompresses, with its output bounded
+            headers={"User-Agent": USER_AGENT},
         )
 
 

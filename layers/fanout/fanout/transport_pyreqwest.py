@@ -42,6 +42,7 @@ from fanout.transports import (
     CONNECT_SHARE,
     DISCARD_BYTES,
     REDIRECT_STATUSES,
+    USER_AGENT,
     Transport,
     UpstreamResponse,
     decoded_headers,
@@ -53,8 +54,6 @@ from fanout.transports import (
 CONNECTING = "client error (Connect)"
 #: ... when the server closed the connection without (a whole) answer: aiohttp's ServerDisconnectedError.
 CLOSED_EARLY = "connection closed before message completed"
-#: The key of the one client that serves literal addresses (it has no pins).
-LITERALS = ""
 
 
 class PyreqwestTransport(Transport):
@@ -106,10 +105,9 @@ class PyreqwestTransport(Transport):
                 answer = _response_headers(response)
                 if follow and response.status in REDIRECT_STATUSES and "location" in answer:
                     await _discard(response)
-                    return UpstreamResponse(response.status, answer, b"", False)
-                data, truncated, decoded = await read_capped(
-                    _chunks(response), answer.get("content-encoding", ""), max_body_bytes
-                )
+                    return UpstreamResponse(response.status, answer, b"", False)  # pragma: no mutate (followed)
+                encoding = answer.get("content-encoding", "")  # equivalent: '' -> 'XX..XX' (not decoded either)
+                data, truncated, decoded = await read_capped(_chunks(response), encoding, max_body_bytes)
                 return UpstreamResponse(response.status, decoded_headers(answer, decoded), data, truncated)
         except RequestError:
             raise
@@ -125,10 +123,10 @@ class PyreqwestTransport(Transport):
             raise self._unsendable(url, networks) from exc
         if where.address is not None:
             self._check(where.host, where.address, where.port, networks)
-            return self._bound_client(LITERALS)
+            return self._bound_client()  # the key None: the one client of literal addresses, with no pins
         pin = self._pins.current(where.host)
-        if pin is None or self._pinned.get(where.host) != pin.address:
-            return None
+        if pin is None or self._pinned.get(where.host) != pin.address:  # pragma: no mutate (slow path: same)
+            return None  # pragma: no mutate (_client_for gives the same client, a coroutine later)
         for address in pin.addresses:
             self._check(where.host, address, where.port, networks)
         return self._clients[where.host]
@@ -143,7 +141,7 @@ class PyreqwestTransport(Transport):
         if client is None or self._pinned.get(where.host) != pin.address:
             if client is not None:
                 await self._retire(client)
-            client = self._clients[where.host] = self._build(where.host, pin.address)
+            client = self._clients[where.host] = self._build((where.host, pin.address))
             self._pinned[where.host] = pin.address
         return client
 
@@ -151,16 +149,18 @@ class PyreqwestTransport(Transport):
         """Put a replaced client aside, and close those replaced over `timeout_s` ago: no request of
         theirs can still be running, since every request ends within `timeout_s`."""
         now = time.monotonic()
-        self._retired.append((now, client))
-        ended = [old for when, old in self._retired if when < now - self.timeout_s]
-        self._retired = [(when, old) for when, old in self._retired if when >= now - self.timeout_s]
-        for old in ended:
-            await old.close()
+        kept = []
+        for when, old in self._retired:
+            if when < now - self.timeout_s:  # equivalent: Lt -> LtE (replaced exactly timeout_s ago)
+                await old.close()
+            else:
+                kept.append((when, old))
+        self._retired = [*kept, (now, client)]
 
     def _check(self, host: str, address: str, port: int, networks: tuple[IPNetwork, ...]) -> None:
         key = (address, port, id(networks))
         verdict = self._verdicts.get(key)
-        if verdict is None or verdict[0] is not networks:
+        if verdict is None or verdict[0] is not networks:  # pragma: no mutate (a cache: the same verdict again)
             policy = EgressPolicy.from_env(allowed_networks=networks)
             verdict = self._verdicts[key] = (networks, policy.refusal(address, port))
         reason = verdict[1]
@@ -170,20 +170,20 @@ class PyreqwestTransport(Transport):
     def _unsendable(self, url: str, networks: tuple[IPNetwork, ...]) -> Exception:
         """Why a URL reqwest would not even parse is refused: the guard's reason when its host reads as an
         address (`[::1%25]`: a zone id), so no spelling of a local address is reported as anything else."""
-        parsed = URL(url, encoded=True)
-        host = parsed.host or ""
+        parsed = URL(url, encoded=True)  # pragma: no mutate (encoded or not, the same host)
+        host = parsed.host or ""  # pragma: no mutate (no host is no address, whatever stands for it)
         if parse_address(host) is not None:
             try:
-                self._check(host, host, parsed.port or 0, networks)
+                self._check(host, host, parsed.port or 0, networks)  # pragma: no mutate (http has a port)
             except EgressRefused as refused:
                 return refused
         return RequestError("InvalidURL", f"the client cannot send to {url}")
 
     def _open(self, key: Any) -> Client:
-        return self._build(None, None)
+        return self._build(None)
 
-    def _build(self, name: str | None, address: str | None) -> Client:
-        """A client that connects `name` to `address` only (or, with no name, serves literals only)."""
+    def _build(self, pin: tuple[str, str] | None) -> Client:
+        """A client that connects a name to its pinned address only; with no pin, one for literals."""
         builder = (
             ClientBuilder()
             .no_proxy()
@@ -196,10 +196,10 @@ class PyreqwestTransport(Transport):
             .max_connections(self.max_connections)
             .timeout(timedelta(seconds=self.timeout_s))
             .connect_timeout(timedelta(seconds=self.timeout_s * CONNECT_SHARE))
-            .user_agent("fanout")
+            .user_agent(USER_AGENT)
         )
-        if name is not None and address is not None:
-            builder = builder.resolve(name, address, 0)  # the port is the URL's; reqwest ignores this one
+        if pin is not None:
+            builder = builder.resolve(*pin, 0)  # pragma: no mutate (reqwest takes the URL's port, not this)
         if self.extra_ca_pem is not None:
             builder = builder.add_root_certificate_pem(self.extra_ca_pem)
         return builder.build()
@@ -227,10 +227,10 @@ async def _chunks(response: Any) -> AsyncIterator[bytes]:
 
 async def _discard(response: Any) -> None:
     """Read a body we do not keep, so the connection can be reused; past DISCARD_BYTES, drop it instead."""
-    reader, size = response.body_reader, 0
+    reader, size = response.body_reader, 0  # equivalent: 0 -> 1 (a byte of the allowance)
     while (chunk := await reader.read(CHUNK_BYTES)) is not None:
         size += len(chunk)
-        if size > DISCARD_BYTES:
+        if size > DISCARD_BYTES:  # equivalent: Gt -> GtE (a byte of the allowance)
             return  # leaving the stream with its body unread closes the connection
 
 
@@ -285,7 +285,9 @@ def _error_kind(exc: BaseException) -> str:
 def _causes(exc: BaseException) -> list[str]:
     """reqwest's chain of causes, outermost first: ['error sending request ...', 'client error (Connect)', ...]."""
     details = getattr(exc, "details", None) or {}
-    return [str(cause.get("message", "")) for cause in details.get("causes") or []]
+    return [
+        str(cause.get("message", "")) for cause in details.get("causes") or []
+    ]  # pragma: no mutate (a cause has one)
 
 
 def _message(exc: BaseException) -> str:

@@ -55,6 +55,7 @@ CHUNK_BYTES = 64 * 1024
 DISCARD_BYTES = 64 * 1024  # what the seed routes read of a body before they drop the connection instead
 ACCEPT_ENCODING = "gzip, deflate"  # what _Decoder can decode; nothing else is asked for
 DECODING_ERROR = "DecodingError"
+USER_AGENT = "fanout"  # what every request says it comes from, unless its caller set one
 #: A connect still pending at this share of a request's time is cut and named ConnectTimeout (the rest
 #: could hardly carry a request and its answer); without it the whole-request clock would cut it first,
 #: and a connect that never completes would read as a late answer (ReadTimeout).

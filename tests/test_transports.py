@@ -1,0 +1,168 @@
+"""What every transport promises, the same whichever is configured: one set of tests over each.
+
+Through `send` (POST /batch and jobs) and `get_status` (the seed routes) against the bundled
+upstream on 127.0.0.1: bodies decoded by us and capped, encodings not asked for left alone,
+redirects followed by hand, header values that are not UTF-8, Retry-After, the User-Agent, and
+the name of every way a request can fail.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from yarl import URL
+
+from conftest import run
+from fanout.engine import RequestError
+from fanout.targets import TargetScope
+from fanout.transports import TRANSPORTS, UpstreamResponse, make_transport
+from fanout_local.upstream import LocalUpstream
+
+CAP = 1000
+
+
+@pytest.fixture(params=TRANSPORTS)
+def send(request: pytest.FixtureRequest, upstream: LocalUpstream) -> Callable[..., UpstreamResponse]:
+    """`send(path, **options)` through one transport (a new one per call) to the bundled upstream."""
+
+    def call(path: str, *, method: str = "GET", max_redirects: int = 2, timeout_s: float = 2.0) -> UpstreamResponse:
+        async def go() -> UpstreamResponse:
+            client = make_transport(request.param, max_connections=4, timeout_s=timeout_s, allow_private=True)
+            scope = TargetScope(
+                name="t",
+                host="127.0.0.1",
+                redirect_hosts=frozenset(),
+                schemes=frozenset({"http"}),
+                max_redirects=max_redirects,
+                private_networks=(),
+            )
+            try:
+                return await client.send(
+                    method, URL(upstream.url + path), headers={}, body=None, max_body_bytes=CAP, scope=scope
+                )
+            finally:
+                await client.aclose()
+
+        return run(go())
+
+    return call
+
+
+@pytest.fixture(params=TRANSPORTS)
+def get_status(request: pytest.FixtureRequest, upstream: LocalUpstream) -> Callable[[str], tuple[int, str | None]]:
+    def call(path: str) -> tuple[int, str | None]:
+        async def go() -> tuple[int, str | None]:
+            client = make_transport(request.param, max_connections=4, timeout_s=0.5, allow_private=True)
+            try:
+                return await client.get_status(upstream.url + path)
+            finally:
+                await client.aclose()
+
+        return run(go())
+
+    return call
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate"])
+def test_a_body_is_decoded_by_us(send: Callable[..., UpstreamResponse], encoding: str) -> None:
+    response = send(f"/encoded?as={encoding}")
+    assert (response.status, response.body, response.truncated) == (200, b"hello, encoded", False)
+    assert "content-encoding" not in response.headers and "content-length" not in response.headers
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_that_does_not_decode_is_a_decoding_error(send: Callable[..., UpstreamResponse], encoding: str) -> None:
+    with pytest.raises(RequestError) as error:
+        send(f"/encoded?as={encoding}&bad=1")
+    assert error.value.kind == "DecodingError"
+    assert error.value.detail.startswith(f"the {encoding} body does not decode: ")
+
+
+def test_an_encoding_not_asked_for_is_passed_on_as_sent(send: Callable[..., UpstreamResponse]) -> None:
+    response = send("/encoded?as=br")
+    assert (response.body, response.headers["content-encoding"]) == (b"hello, encoded", "br")
+
+
+def test_a_gzip_bomb_gives_the_cap(send: Callable[..., UpstreamResponse]) -> None:
+    response = send("/gzip-bomb?gb=1")
+    assert (response.body, response.truncated) == (bytes(CAP), True)
+
+
+def test_a_body_is_read_whole_up_to_the_cap_and_cut_there(send: Callable[..., UpstreamResponse]) -> None:
+    whole = send(f"/bytes?n={CAP}&type=text/plain")
+    assert (whole.body, whole.truncated) == (b"x" * CAP, False)
+    cut = send(f"/bytes?n={CAP + 1}&type=text/plain")
+    assert (cut.body, cut.truncated) == (b"x" * CAP, True)
+    endless = send("/endless")
+    assert (endless.body, endless.truncated) == (b"y" * CAP, True)
+
+
+def test_a_redirect_is_followed_by_hand(send: Callable[..., UpstreamResponse], upstream: LocalUpstream) -> None:
+    response = send("/redirect?to=/echo/there&status=307", method="POST")
+    assert response.status == 200
+    assert json.loads(response.body)["target"] == "/echo/there"
+    assert json.loads(response.body)["method"] == "POST"  # 307 keeps the method
+    assert upstream.stats.requests == 2
+
+
+def test_a_redirect_is_answered_as_is_where_none_may_be_followed(send: Callable[..., UpstreamResponse]) -> None:
+    response = send("/redirect?to=/echo&status=302", max_redirects=0)
+    assert (response.status, response.headers["location"]) == (302, "/echo")
+
+
+def test_every_request_says_it_comes_from_fanout(send: Callable[..., UpstreamResponse]) -> None:
+    assert json.loads(send("/echo").body)["headers"]["user-agent"] == "fanout"
+
+
+def test_a_header_value_that_is_not_utf8_is_replaced_not_fatal(send: Callable[..., UpstreamResponse]) -> None:
+    response = send("/non-utf8")
+    assert response.status == 200
+    assert "\ufffd" in response.headers["x-legacy"]  # aiohttp keeps "caf"; pyreqwest gives no bytes to keep
+    assert response.headers["content-type"] == "text/plain"  # the other headers are all there
+
+
+def test_the_seed_routes_get_retry_after(get_status: Callable[[str], tuple[int, str | None]]) -> None:
+    assert get_status("/retry-after?key=seed&fail=5&s=7") == (429, "7")
+    assert get_status("/delay?ms=0") == (200, None)
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/reset", "RemoteProtocolError"),  # closed before any answer
+        ("/cut", "ReadError"),  # the body broke off
+        ("/stall-body", "ReadTimeout"),  # the body stopped coming
+        ("/hang", "ReadTimeout"),  # connected, no answer
+        ("/slow-headers?interval=0.05", "ReadTimeout"),  # the headers a byte at a time, past the timeout
+        ("/many-headers?n=10000", "RemoteProtocolError"),  # a head no client takes
+    ],
+)
+def test_every_failure_has_the_same_name_on_every_transport(
+    send: Callable[..., UpstreamResponse], path: str, kind: str
+) -> None:
+    with pytest.raises(RequestError) as error:
+        send(path, timeout_s=0.5)
+    assert error.value.kind == kind
+
+
+@pytest.mark.parametrize(
+    ("name", "detail"),
+    [
+        ("pyreqwest", "connection error: Connection refused (os error 111)"),  # reqwest's message, its last cause
+        ("aiohttp", "Cannot connect to host 127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)]"),
+    ],
+)
+def test_a_refused_connect_is_a_connect_error_that_says_why(name: str, detail: str) -> None:
+    async def go() -> Any:
+        client = make_transport(name, max_connections=1, timeout_s=1, allow_private=True)
+        try:
+            return await client.get_status("http://127.0.0.1:9/")  # the discard port: nothing listens
+        finally:
+            await client.aclose()
+
+    with pytest.raises(RequestError) as error:
+        run(go())
+    assert (error.value.kind, error.value.detail) == ("ConnectError", detail)
