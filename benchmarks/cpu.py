@@ -70,71 +70,54 @@ if name.startswith("handler"):
         if response["statusCode"] != 200:
             sys.exit(f"the handler answered {response['statusCode']}: {response['body'][:300]}")
         return json.loads(response["body"])["failed"]
-elif name.startswith("aiosonic"):
-    import aiosonic
-    from aiosonic.pools import PoolConfig
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    client = None
-
-    async def call():
-        global client
-        if client is None:
-            client = aiosonic.HTTPClient(aiosonic.TCPConnector(pool_configs={":default": PoolConfig(size=k)}))
-        limit = asyncio.Semaphore(k)
-
-        async def get():
-            async with limit:
-                response = await client.get(url)
-                await response.content()
-                return response.status_code
-
-        statuses = await asyncio.gather(*(get() for _ in range(n)))
-        return sum(1 for s in statuses if s != 200)
-
-    def one_round():
-        return loop.run_until_complete(call())
-elif name.startswith("pyreqwest"):
-    from pyreqwest.client import ClientBuilder
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    client = None
-
-    async def call():
-        global client
-        if client is None:
-            client = ClientBuilder().max_connections(k).build()
-        limit = asyncio.Semaphore(k)
-
-        async def get():
-            async with limit:
-                response = await client.get(url).build().send()
-                await response.bytes()
-                return response.status
-
-        statuses = await asyncio.gather(*(get() for _ in range(n)))
-        return sum(1 for s in statuses if s != 200)
-
-    def one_round():
-        return loop.run_until_complete(call())
 else:
-    import aiohttp
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    session = None
+    # A raw client: `open_client()` once, then `get()` per request; a semaphore of k over a gather of n.
+    if name.startswith("aiosonic"):
+        import aiosonic
+        from aiosonic.pools import PoolConfig
 
-    async def call():
-        global session
-        if session is None:
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=k))
-        limit = asyncio.Semaphore(k)
+        def open_client():
+            return aiosonic.HTTPClient(aiosonic.TCPConnector(pool_configs={":default": PoolConfig(size=k)}))
 
-        async def get():
-            async with limit, session.get(url) as response:
+        async def get(client):
+            response = await client.get(url)
+            await response.content()
+            return response.status_code
+    elif name.startswith("pyreqwest"):
+        from pyreqwest.client import ClientBuilder
+
+        def open_client():
+            return ClientBuilder().max_connections(k).build()
+
+        async def get(client):
+            response = await client.get(url).build().send()
+            await response.bytes()
+            return response.status
+    else:
+        import aiohttp
+
+        def open_client():
+            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=k))
+
+        async def get(client):
+            async with client.get(url) as response:
                 await response.read()
                 return response.status
 
-        statuses = await asyncio.gather(*(get() for _ in range(n)))
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    client = None
+
+    async def call():
+        global client
+        client = client or open_client()
+        limit = asyncio.Semaphore(k)
+
+        async def bounded():
+            async with limit:
+                return await get(client)
+
+        statuses = await asyncio.gather(*(bounded() for _ in range(n)))
         return sum(1 for s in statuses if s != 200)
 
     def one_round():
@@ -146,8 +129,8 @@ for _ in sys.stdin:
     cpu0 = time.process_time()
     failed = one_round()
     print("@@", time.process_time() - cpu0, failed, flush=True)
-if name.startswith("aiohttp"):
-    loop.run_until_complete(session.close())
+if not name.startswith("handler"):
+    loop.run_until_complete(client.aclose() if name.startswith("aiosonic") else client.close())
 """
 
 

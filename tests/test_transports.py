@@ -12,12 +12,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pyreqwest.exceptions as pe
 import pytest
 from yarl import URL
 
 from conftest import run
 from fanout.engine import RequestError
 from fanout.targets import TargetScope
+from fanout.transport_pyreqwest import CLOSED_EARLY, CONNECTING, _request_error
 from fanout.transports import TRANSPORTS, UpstreamResponse, make_transport
 from fanout_local.upstream import LocalUpstream
 
@@ -81,9 +83,10 @@ def test_a_body_that_does_not_decode_is_a_decoding_error(send: Callable[..., Ups
     assert error.value.detail.startswith(f"the {encoding} body does not decode: ")
 
 
-def test_an_encoding_not_asked_for_is_passed_on_as_sent(send: Callable[..., UpstreamResponse]) -> None:
-    response = send("/encoded?as=br")
-    assert (response.body, response.headers["content-encoding"]) == (b"hello, encoded", "br")
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+def test_an_encoding_not_asked_for_is_passed_on_as_sent(send: Callable[..., UpstreamResponse], encoding: str) -> None:
+    response = send(f"/encoded?as={encoding}")
+    assert (response.body, response.headers["content-encoding"]) == (b"hello, encoded", encoding)
 
 
 def test_a_gzip_bomb_gives_the_cap(send: Callable[..., UpstreamResponse]) -> None:
@@ -111,6 +114,11 @@ def test_a_redirect_is_followed_by_hand(send: Callable[..., UpstreamResponse], u
 def test_a_redirect_is_answered_as_is_where_none_may_be_followed(send: Callable[..., UpstreamResponse]) -> None:
     response = send("/redirect?to=/echo&status=302", max_redirects=0)
     assert (response.status, response.headers["location"]) == (302, "/echo")
+
+
+def test_a_redirect_status_without_location_is_the_answer_body_and_all(send: Callable[..., UpstreamResponse]) -> None:
+    response = send("/status/302")
+    assert (response.status, json.loads(response.body)) == (302, {"status": 302})
 
 
 def test_every_request_says_it_comes_from_fanout(send: Callable[..., UpstreamResponse]) -> None:
@@ -166,3 +174,40 @@ def test_a_refused_connect_is_a_connect_error_that_says_why(name: str, detail: s
     with pytest.raises(RequestError) as error:
         run(go())
     assert (error.value.kind, error.value.detail) == ("ConnectError", detail)
+
+
+CAUSES_AFTER_CONNECTING = [{"message": "error sending request"}, {"message": "client error (SendRequest)"}]
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (
+            pe.ConnectTimeoutError("t", {"causes": [{"message": CONNECTING}, {"message": "timed out"}]}),
+            "ConnectTimeout",
+        ),
+        (pe.ConnectTimeoutError("t", {"causes": CAUSES_AFTER_CONNECTING}), "ReadTimeout"),
+        (pe.ReadTimeoutError("t", {"causes": []}), "ReadTimeout"),
+        (pe.ConnectError("c", {"causes": [{"message": CONNECTING}, {"message": "refused"}]}), "ConnectError"),
+        (
+            pe.ConnectError("c", {"causes": [*CAUSES_AFTER_CONNECTING, {"message": CLOSED_EARLY}]}),
+            "RemoteProtocolError",
+        ),
+        (pe.ConnectError("c", {"causes": [*CAUSES_AFTER_CONNECTING, {"message": "reset by peer"}]}), "ReadError"),
+        (pe.BodyDecodeError("b", {"causes": [{"message": "end of file before message length reached"}]}), "ReadError"),
+        (pe.ReadError("r", {"causes": []}), "ReadError"),
+        (pe.WriteError("w", {"causes": []}), "WriteError"),
+        (pe.DecodeError("d", {"causes": [{"message": "message head is too large"}]}), "RemoteProtocolError"),
+        (ValueError("v"), "ValueError"),
+    ],
+)
+def test_reqwest_errors_get_our_names(error: Exception, kind: str) -> None:
+    """Each reqwest error class and chain of causes the pyreqwest transport tells apart (the live
+    tests above cover the ones a test upstream can provoke)."""
+    assert _request_error(error).kind == kind
+
+
+def test_reqwest_messages_keep_their_innermost_cause() -> None:
+    error = pe.ConnectError("connection error", {"causes": [{"message": CONNECTING}, {"message": "refused (111)"}]})
+    assert _request_error(error).detail == "connection error: refused (111)"
+    assert _request_error(pe.ReadError("read error", {"causes": []})).detail == "read error"

@@ -82,9 +82,8 @@ class Pins:
     def current(self, name: str) -> Pin | None:
         """The name's answer if it has not expired, without waiting."""
         pin = self._pins.get(name)
-        return (
-            pin if pin is not None and pin.expires > time.monotonic() else None
-        )  # equivalent: Gt -> GtE (this instant)
+        fresh = pin is not None and pin.expires > time.monotonic()  # equivalent: Gt -> GtE (this instant)
+        return pin if fresh else None
 
     async def get(self, name: str) -> Pin:
         pin = self.current(name)

@@ -27,7 +27,6 @@ import aiohttp
 from aiohappyeyeballs import AddrInfoType
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
-from yarl import URL
 
 from fanout.egress import EgressPolicy, IPNetwork
 from fanout.engine import RequestError
@@ -37,6 +36,7 @@ from fanout.transports import (
     DISCARD_BYTES,
     REDIRECT_STATUSES,
     USER_AGENT,
+    Hop,
     Transport,
     UpstreamResponse,
     decoded_headers,
@@ -98,29 +98,18 @@ class AiohttpTransport(Transport):
         except Exception as exc:
             raise _request_error(exc) from exc
 
-    async def _exchange(
-        self,
-        method: str,
-        url: URL,
-        *,
-        headers: dict[str, str],
-        body: bytes | None,
-        timeout_s: float,
-        max_body_bytes: int,
-        networks: tuple[IPNetwork, ...],
-        follow: bool,
-    ) -> UpstreamResponse:
-        session: aiohttp.ClientSession = self._bound_client(networks)
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=timeout_s * CONNECT_SHARE)
+    async def _exchange(self, hop: Hop) -> UpstreamResponse:
+        session: aiohttp.ClientSession = self._bound_client(hop.networks)
+        timeout = aiohttp.ClientTimeout(total=hop.timeout_s, sock_connect=hop.timeout_s * CONNECT_SHARE)
         try:
             async with session.request(
-                method, url, headers=headers, data=body, allow_redirects=False, timeout=timeout
+                hop.method, hop.url, headers=hop.headers, data=hop.body, allow_redirects=False, timeout=timeout
             ) as response:
-                if follow and response.status in REDIRECT_STATUSES and "Location" in response.headers:
+                if hop.follow and response.status in REDIRECT_STATUSES and "Location" in response.headers:
                     await _discard(response)
                     return UpstreamResponse(response.status, _response_headers(response), b"", False)
                 data, truncated, decoded = await read_capped(
-                    _chunks(response), response.headers.get("Content-Encoding", ""), max_body_bytes
+                    _chunks(response), response.headers.get("Content-Encoding", ""), hop.max_body_bytes
                 )
                 if truncated:
                     response.close()  # the rest is never read: this connection cannot be reused

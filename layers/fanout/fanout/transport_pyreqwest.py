@@ -43,6 +43,7 @@ from fanout.transports import (
     DISCARD_BYTES,
     REDIRECT_STATUSES,
     USER_AGENT,
+    Hop,
     Transport,
     UpstreamResponse,
     decoded_headers,
@@ -83,31 +84,21 @@ class PyreqwestTransport(Transport):
             except Exception as exc:
                 raise _request_error(exc) from exc
 
-    async def _exchange(
-        self,
-        method: str,
-        url: URL,
-        *,
-        headers: dict[str, str],
-        body: bytes | None,
-        timeout_s: float,
-        max_body_bytes: int,
-        networks: tuple[IPNetwork, ...],
-        follow: bool,
-    ) -> UpstreamResponse:
-        text = str(url)
+    async def _exchange(self, hop: Hop) -> UpstreamResponse:
+        text = str(hop.url)
         try:
-            client = self._ready_client(text, networks) or await self._client_for(text, networks)
-            request = client.request(method, text).headers(headers).timeout(timedelta(seconds=timeout_s))
-            if body is not None:
-                request = request.body_bytes(body)
+            client = self._ready_client(text, hop.networks) or await self._client_for(text, hop.networks)
+            request = client.request(hop.method, text).headers(hop.headers).timeout(timedelta(seconds=hop.timeout_s))
+            if hop.body is not None:
+                request = request.body_bytes(hop.body)
             async with request.build_streamed() as response:
                 answer = _response_headers(response)
-                if follow and response.status in REDIRECT_STATUSES and "location" in answer:
+                located = "location" in answer  # equivalent: 'location' -> 'XX..XX' (its body read, not discarded)
+                if hop.follow and response.status in REDIRECT_STATUSES and located:
                     await _discard(response)
                     return UpstreamResponse(response.status, answer, b"", False)  # pragma: no mutate (followed)
                 encoding = answer.get("content-encoding", "")  # equivalent: '' -> 'XX..XX' (not decoded either)
-                data, truncated, decoded = await read_capped(_chunks(response), encoding, max_body_bytes)
+                data, truncated, decoded = await read_capped(_chunks(response), encoding, hop.max_body_bytes)
                 return UpstreamResponse(response.status, decoded_headers(answer, decoded), data, truncated)
         except RequestError:
             raise
@@ -129,7 +120,7 @@ class PyreqwestTransport(Transport):
             return None  # pragma: no mutate (_client_for gives the same client, a coroutine later)
         for address in pin.addresses:
             self._check(where.host, address, where.port, networks)
-        return self._clients[where.host]
+        return self._clients[where.host]  # pragma: no mutate (None: _client_for gives this client)
 
     async def _client_for(self, url: str, networks: tuple[IPNetwork, ...]) -> Client:
         """The client to send `url` with, once where it would connect is allowed; else EgressRefused."""
@@ -192,7 +183,7 @@ class PyreqwestTransport(Transport):
             .deflate(False)
             .brotli(False)
             .zstd(False)
-            .referer(False)
+            .referer(False)  # pragma: no mutate (reqwest sets Referer only on redirects it follows: none)
             .max_connections(self.max_connections)
             .timeout(timedelta(seconds=self.timeout_s))
             .connect_timeout(timedelta(seconds=self.timeout_s * CONNECT_SHARE))
@@ -284,14 +275,12 @@ def _error_kind(exc: BaseException) -> str:
 
 def _causes(exc: BaseException) -> list[str]:
     """reqwest's chain of causes, outermost first: ['error sending request ...', 'client error (Connect)', ...]."""
-    details = getattr(exc, "details", None) or {}
-    return [
-        str(cause.get("message", "")) for cause in details.get("causes") or []
-    ]  # pragma: no mutate (a cause has one)
+    causes = (getattr(exc, "details", None) or {}).get("causes") or []
+    return [str(cause.get("message", "")) for cause in causes]  # pragma: no mutate (a cause has one)
 
 
 def _message(exc: BaseException) -> str:
     """reqwest's message and its innermost cause: 'connection error: Connection refused (os error 111)'."""
     found = _causes(exc)
-    message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    message = getattr(exc, "message", None) or str(exc)
     return f"{message}: {found[-1]}" if found else message

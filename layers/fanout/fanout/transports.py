@@ -70,6 +70,20 @@ class UpstreamResponse:
     truncated: bool  # the body was longer than the cap and was cut there
 
 
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One request of a `send`, as a transport makes it: a redirect's next hop is another."""
+
+    method: str
+    url: URL
+    headers: dict[str, str]
+    body: bytes | None
+    timeout_s: float  # what is left of the whole request's time
+    max_body_bytes: int
+    networks: tuple[IPNetwork, ...]  # what its connection may reach beyond global addresses
+    follow: bool  # a redirect answer will be followed: its body is discarded, not read
+
+
 class Transport:
     """Clients by key on one event loop, the request slots, and the redirect loop both transports share.
 
@@ -116,14 +130,16 @@ class Transport:
             async with self._slot(current):
                 ends = ends or time.monotonic() + self.timeout_s
                 response = await self._exchange(
-                    method,
-                    current,
-                    headers=headers,
-                    body=body,
-                    timeout_s=max(ends - time.monotonic(), 0.001),
-                    max_body_bytes=max_body_bytes,
-                    networks=self._networks(scope.networks_for(current.host)),
-                    follow=scope.max_redirects > 0,
+                    Hop(
+                        method,
+                        current,
+                        headers,
+                        body,
+                        timeout_s=max(ends - time.monotonic(), 0.001),
+                        max_body_bytes=max_body_bytes,
+                        networks=self._networks(scope.networks_for(current.host)),
+                        follow=scope.max_redirects > 0,
+                    )
                 )
             location = response.headers.get("location")
             if not (scope.max_redirects and response.status in REDIRECT_STATUSES and location):
@@ -144,20 +160,8 @@ class Transport:
             current = following
         raise AssertionError("unreachable: the last hop returns or raises")  # pragma: no cover
 
-    async def _exchange(
-        self,
-        method: str,
-        url: URL,
-        *,
-        headers: dict[str, str],
-        body: bytes | None,
-        timeout_s: float,
-        max_body_bytes: int,
-        networks: tuple[IPNetwork, ...],
-        follow: bool,
-    ) -> UpstreamResponse:
-        """One hop within `timeout_s`, its connection allowed `networks`. With `follow`, a redirect's body
-        is discarded (the answer then has an empty body); errors are raised as RequestError."""
+    async def _exchange(self, hop: Hop) -> UpstreamResponse:
+        """One hop; errors are raised as RequestError."""
         raise NotImplementedError
 
     def _networks(self, networks: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
