@@ -70,11 +70,12 @@ class PyreqwestTransport(Transport):
         # ip_network objects costs more than the rest of the check. The entry keeps its networks
         # alive, so their id is never reused while the entry exists.
         self._verdicts: dict[tuple[str, int, int], tuple[tuple[IPNetwork, ...], Reason | None]] = {}
+        self._public_networks = self._networks(())  # what the seed routes' requests may reach
 
     async def get_status(self, url: str) -> tuple[int, str | None]:
         async with self._slot(None):
             try:
-                networks = self._networks(())
+                networks = self._public_networks
                 client = self._ready_client(url, networks) or await self._client_for(url, networks)
                 async with client.get(url).build_streamed() as response:
                     await _discard(response)
@@ -106,15 +107,16 @@ class PyreqwestTransport(Transport):
             raise _request_error(exc) from exc
 
     def _ready_client(self, url: str, networks: tuple[IPNetwork, ...]) -> Client | None:
-        """The fast path of `_client_for`, without a coroutine: None when a name's answer must be looked up."""
-        self._bound_loop()
+        """The fast path of `_client_for`, without a coroutine: None when a name's answer must be looked up.
+        Called with a slot held, so on the loop the clients belong to."""
         try:
             where = destination(url)
         except ValueError as exc:
             raise self._unsendable(url, networks) from exc
         if where.address is not None:
             self._check(where.host, where.address, where.port, networks)
-            return self._bound_client()  # the key None: the one client of literal addresses, with no pins
+            # the key None: the one client of literal addresses, with no pins
+            return self._clients.get(None) or self._bound_client()
         pin = self._pins.current(where.host)
         if pin is None or self._pinned.get(where.host) != pin.address:  # pragma: no mutate (slow path: same)
             return None  # pragma: no mutate (_client_for gives the same client, a coroutine later)
