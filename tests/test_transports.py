@@ -121,6 +121,11 @@ def test_a_redirect_status_without_location_is_the_answer_body_and_all(send: Cal
     assert (response.status, json.loads(response.body)) == (302, {"status": 302})
 
 
+def test_a_location_on_an_answer_that_is_no_redirect_keeps_its_body(send: Callable[..., UpstreamResponse]) -> None:
+    response = send("/redirect?to=/created/1&status=201")
+    assert (response.status, response.headers["location"], json.loads(response.body)) == (201, "/created/1", {})
+
+
 def test_every_request_says_it_comes_from_fanout(send: Callable[..., UpstreamResponse]) -> None:
     assert json.loads(send("/echo").body)["headers"]["user-agent"] == "fanout"
 
@@ -128,7 +133,8 @@ def test_every_request_says_it_comes_from_fanout(send: Callable[..., UpstreamRes
 def test_a_header_value_that_is_not_utf8_is_replaced_not_fatal(send: Callable[..., UpstreamResponse]) -> None:
     response = send("/non-utf8")
     assert response.status == 200
-    assert "\ufffd" in response.headers["x-legacy"]  # aiohttp keeps "caf"; pyreqwest gives no bytes to keep
+    # aiohttp keeps "caf" and replaces the bad byte; pyreqwest gives no bytes of the value to keep
+    assert response.headers["x-legacy"] in {"caf\ufffd", "\ufffd"}
     assert response.headers["content-type"] == "text/plain"  # the other headers are all there
 
 
