@@ -229,7 +229,7 @@ async def _discard(response: Any) -> None:
 
 def _response_headers(response: Any) -> dict[str, str]:
     """Header names in lower case, as text. pyreqwest gives no bytes of a value that is not UTF-8, so
-    such a value reads as U+FFFD (aiohttp's transport replaces each bad byte the same way)."""
+    such a value reads as one U+FFFD (aiohttp's transport keeps its valid bytes and replaces the rest)."""
     headers = response.headers
     try:
         return {name.lower(): value for name, value in headers.items()}

@@ -2,8 +2,8 @@
 
 `FANOUT_TRANSPORT` picks one (benchmarks/ measured them; README, "Choosing the transport"):
 - `pyreqwest` (the default): Rust's reqwest and hyper, behind a guard by pinning
-  (fanout.transport_pyreqwest, fanout.pinning). About a third of aiohttp's client
-  CPU per request;
+  (fanout.transport_pyreqwest, fanout.pinning). Raw, about a third of aiohttp's
+  client CPU per request; through the handler, about half;
 - `aiohttp`: aiohttp behind a guard at its connector's socket factory
   (fanout.transport_aiohttp).
 
