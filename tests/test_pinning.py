@@ -203,6 +203,34 @@ def test_a_replaced_client_is_closed_once_its_requests_have_ended(monkeypatch: p
     assert run(with_listeners(["127.0.0.2", "127.0.0.3"], call)) == [0, 1, 2, 1]
 
 
+def test_requests_that_see_a_changed_answer_together_build_one_new_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first of them puts the old client aside (closing older ones may wait) while the others arrive:
+    they take its new client rather than build their own."""
+    answers = {"upstream.test": ["127.0.0.2"]}
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup(answers))
+    monkeypatch.setattr("fanout.pinning.PIN_TTL_S", 0.0)
+    retire = PyreqwestTransport._retire
+
+    async def slow_retire(self: PyreqwestTransport, client: Any) -> None:
+        await asyncio.sleep(0.01)  # as a close of an older client may take
+        await retire(self, client)
+
+    monkeypatch.setattr(PyreqwestTransport, "_retire", slow_retire)
+
+    async def call(listeners: Listeners) -> tuple[list[int], int, int]:
+        client = transport()
+        url = f"http://upstream.test:{listeners.port}/"
+        try:
+            await client.get_status(url)
+            answers["upstream.test"] = ["127.0.0.3"]
+            statuses = [status for status, _ in await asyncio.gather(*(client.get_status(url) for _ in range(4)))]
+            return statuses, len(client.open_clients), client.retired_clients
+        finally:
+            await client.aclose()
+
+    assert run(with_listeners(["127.0.0.2", "127.0.0.3"], call)) == ([200] * 4, 1, 1)
+
+
 def test_an_answer_that_turns_inside_is_refused_before_sending(monkeypatch: pytest.MonkeyPatch) -> None:
     """DNS rebinding: the name first resolves where its target may go, then to the runtime's own host."""
     answers = {"upstream.test": ["127.0.0.2"]}

@@ -132,10 +132,11 @@ class PyreqwestTransport(Transport):
             self._check(where.host, address, where.port, networks)
         client = self._clients.get(where.host)
         if client is None or self._pinned.get(where.host) != pin.address:
-            if client is not None:
-                await self._retire(client)
-            client = self._clients[where.host] = self._build((where.host, pin.address))
-            self._pinned[where.host] = pin.address
+            replaced, client = client, self._build((where.host, pin.address))
+            # in place before the await below, so a request arriving meanwhile takes it, not a second one
+            self._clients[where.host], self._pinned[where.host] = client, pin.address
+            if replaced is not None:
+                await self._retire(replaced)
         return client
 
     async def _retire(self, client: Client) -> None:
