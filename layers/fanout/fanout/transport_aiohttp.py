@@ -34,15 +34,15 @@ from fanout.transports import (
     CHUNK_BYTES,
     CONNECT_SHARE,
     DISCARD_BYTES,
-    REDIRECT_STATUSES,
     USER_AGENT,
     Hop,
     Transport,
     UpstreamResponse,
     decoded_headers,
+    is_redirect,
     read_capped,
+    refused_error,
 )
-from fanout.transports import refused_error as _refused_error
 
 
 class GuardedSocketFactory:
@@ -105,7 +105,7 @@ class AiohttpTransport(Transport):
             async with session.request(
                 hop.method, hop.url, headers=hop.headers, data=hop.body, allow_redirects=False, timeout=timeout
             ) as response:
-                if hop.follow and response.status in REDIRECT_STATUSES and "Location" in response.headers:
+                if hop.follow and is_redirect(response.status, response.headers.get("Location")):
                     await _discard(response)
                     return UpstreamResponse(response.status, _response_headers(response), b"", False)
                 data, truncated, decoded = await read_capped(
@@ -174,7 +174,7 @@ def _text(value: str) -> str:
 
 
 def _request_error(exc: BaseException) -> RequestError:
-    return _refused_error(exc) or RequestError(_error_kind(exc), str(exc))
+    return refused_error(exc) or RequestError(_error_kind(exc), str(exc))
 
 
 def _error_kind(exc: BaseException) -> str:

@@ -41,12 +41,12 @@ from fanout.transports import (
     CHUNK_BYTES,
     CONNECT_SHARE,
     DISCARD_BYTES,
-    REDIRECT_STATUSES,
     USER_AGENT,
     Hop,
     Transport,
     UpstreamResponse,
     decoded_headers,
+    is_redirect,
     read_capped,
     refused_error,
 )
@@ -94,8 +94,8 @@ class PyreqwestTransport(Transport):
                 request = request.body_bytes(hop.body)
             async with request.build_streamed() as response:
                 answer = _response_headers(response)
-                located = "location" in answer  # equivalent: 'location' -> 'XX..XX' (its body read, not discarded)
-                if hop.follow and response.status in REDIRECT_STATUSES and located:
+                location = answer.get("location")  # equivalent: 'location' -> 'XX..XX' (its body read, not discarded)
+                if hop.follow and is_redirect(response.status, location):
                     await _discard(response)
                     return UpstreamResponse(response.status, answer, b"", False)  # pragma: no mutate (followed)
                 encoding = answer.get("content-encoding", "")  # equivalent: '' -> 'XX..XX' (not decoded either)

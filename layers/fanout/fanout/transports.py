@@ -142,7 +142,7 @@ class Transport:
                     )
                 )
             location = response.headers.get("location")
-            if not (scope.max_redirects and response.status in REDIRECT_STATUSES and location):
+            if not (scope.max_redirects and is_redirect(response.status, location)):
                 return response
             if hop == scope.max_redirects:
                 raise RequestError(TOO_MANY_REDIRECTS, f"more than {scope.max_redirects} redirects")
@@ -212,6 +212,12 @@ class Transport:
 
     async def _close(self, client: Any) -> None:
         await client.close()
+
+
+def is_redirect(status: int, location: str | None) -> bool:
+    """An answer a `send` follows (where its target allows redirects at all): the one rule the redirect
+    loop and each transport's choice to discard a body share."""
+    return status in REDIRECT_STATUSES and bool(location)
 
 
 class _Decoder:
