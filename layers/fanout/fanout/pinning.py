@@ -21,6 +21,8 @@ import socket
 import time
 from dataclasses import dataclass
 
+from pyreqwest.http import Url
+
 from fanout.engine import RequestError
 
 #: How long a name's answer is used before it is looked up again. The system resolver gives no TTL;
@@ -37,11 +39,11 @@ class Destination:
     address: str | None
 
 
-@functools.lru_cache(maxsize=4096)  # pragma: no mutate (the seed routes send one URL thousands of times)
+#: The seed routes send one URL thousands of times: parsed once. Small, because /batch and jobs send a
+#: new URL per item, and a large cache would only keep callers' paths and queries alive.
+@functools.lru_cache(maxsize=16)  # pragma: no mutate (a size, not a rule)
 def destination(url: str) -> Destination:
     """Where the client would connect for `url`; ValueError when it would not take the URL at all."""
-    from pyreqwest.http import Url
-
     parsed = Url(url)
     host, port = parsed.host_str, parsed.port_or_known_default
     if host is None or port is None:
