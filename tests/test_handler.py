@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import json
 from types import ModuleType
 from typing import Any
@@ -200,3 +201,13 @@ def test_deadline_answers_in_time_with_every_request_accounted(upstream: LocalUp
     kinds = {error["error"] for error in body["errors"]}
     assert kinds == {"ReadTimeout", "DeadlineExceeded"}
     assert len(body["errors"]) == 20
+
+
+def test_a_cold_start_leaves_what_it_built_out_of_the_collectors_sight(import_handler: Any) -> None:
+    """Built once per container, never garbage: frozen, so no collection during a call walks it, and the
+    collector is on again for what calls make."""
+    frozen_before = gc.get_freeze_count()
+    entry = import_handler()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > frozen_before
+    assert not any(tracked is entry.app for tracked in gc.get_objects())  # frozen: in no generation

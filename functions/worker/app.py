@@ -2,9 +2,7 @@
 
 The container keeps one event loop, one pooled client and the targets' limiters from
 cold start to its end, as the API functions do; the collector is off while the cold
-start builds them, and `gc.collect()
-gc.freeze()
-gc.enable()` keeps what it built out of every later collection
+start builds them, and `gc.freeze()` keeps what it built out of every later collection
 (functions/api/app.py says why).
 """
 
@@ -18,7 +16,6 @@ try:
     install_event_loop()
     settings = load_settings()
     handler = Worker(settings, timeout_s=settings.worker_timeout_s).handle
-    gc.collect()
     gc.freeze()
 finally:
     gc.enable()
