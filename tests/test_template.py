@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -35,24 +36,83 @@ JOB_ROUTES = {
 }
 
 
-def test_template_routes_are_exactly_the_app_routes(template: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+SEED_ROUTES = {("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}")}
+
+
+def _served(app: Any) -> set[tuple[str, str]]:
+    return {(method, route.path) for route in app.routes if isinstance(route, APIRoute) for method in route.methods}
+
+
+def test_each_function_serves_exactly_its_routes_in_the_template(
+    template: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each function's app, built from the environment the template gives it, has the routes API Gateway
+    sends it and no other (a seed function carries neither /batch's nor the jobs' code); the function of
+    the $default route also knows the seed routes' paths, so a wrong method on one is a 405 there."""
     functions = local_functions(template, ROOT, {"TargetUrl": "https://example.com"}, placeholders(template))
-    declared = {
-        (route.method, route.path) for function in functions for route in function.routes if not route.is_default
-    }
     (default,) = [function.name for function in functions for route in function.routes if route.is_default]
     assert default == "BatchFunction"  # its app answers 404 and 405 for the rest
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # the jobs routes' clients (no call is made)
     jobs = {"jobs_table": "t", "input_bucket": "i", "results_bucket": "r", "chunk_queue_url": "q"}
-    app = create_app(Settings(**jobs))
-    served = {(method, route.path) for route in app.routes if isinstance(route, APIRoute) for method in route.methods}
-    assert (
-        declared
-        == served
-        == {("GET", "/sync/{n}"), ("GET", "/async/{n}"), ("GET", "/async_sem/{n}/{k}"), ("POST", "/batch"), *JOB_ROUTES}
+    served = {}
+    for function in functions:
+        if function.routes:
+            given = jobs if "FANOUT_JOBS_TABLE" in function.environment else {}
+            served[function.name] = _served(create_app(Settings(routes=function.environment["FANOUT_ROUTES"], **given)))
+            declared = {(route.method, route.path) for route in function.routes if not route.is_default}
+            assert served[function.name] >= declared, function.name
+    assert served == {
+        "SyncFunction": {("GET", "/sync/{n}")},
+        "GatherFunction": {("GET", "/async/{n}")},
+        "SemaphoreFunction": {("GET", "/async_sem/{n}/{k}")},
+        "BatchFunction": {*SEED_ROUTES, ("POST", "/batch")},
+        "JobsFunction": JOB_ROUTES,
+    }
+
+
+def test_an_app_with_all_routes_serves_the_jobs_only_with_their_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `create_app()` builds by default (FANOUT_ROUTES=all): what tests and a single local app serve."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    jobs = {"jobs_table": "t", "input_bucket": "i", "results_bucket": "r", "chunk_queue_url": "q"}
+    assert _served(create_app(Settings())) == {*SEED_ROUTES, ("POST", "/batch")}
+    assert _served(create_app(Settings(**jobs))) == {*SEED_ROUTES, ("POST", "/batch"), *JOB_ROUTES}
+
+
+def test_a_seed_functions_cold_start_loads_none_of_what_it_does_not_serve() -> None:
+    """No /batch machinery (tenacity, aiolimiter), no aiohttp, no boto3, and no pydantic.v1 (FastAPI would
+    import it to learn that a route parameter is no v1 model): each some milliseconds of a cold start."""
+    code = (
+        "import sys, fanout.app; fanout.app.create_app();"
+        "loaded = {'fanout.batch', 'fanout.batch_api', 'tenacity', 'aiolimiter', 'aiohttp', 'boto3', 'pydantic.v1'};"
+        "print(sorted(loaded & set(sys.modules)))"
     )
-    (jobs_function,) = [function for function in functions if function.name == "JobsFunction"]
-    assert {(route.method, route.path) for route in jobs_function.routes} == JOB_ROUTES
+    env = {**os.environ, "FANOUT_ROUTES": "async_sem"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
+    env["FANOUT_ROUTES"] = "batch"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "['aiolimiter', 'fanout.batch', 'fanout.batch_api', 'tenacity']"
+
+
+def test_fastapi_still_refuses_a_pydantic_v1_model_once_v1_is_imported() -> None:
+    """fanout.app skips FastAPI's import of pydantic.v1, not its check."""
+    import warnings
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import PydanticV1NotSupportedError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pydantic import v1
+
+    class Old(v1.BaseModel):
+        size: int
+
+    def old(body: Any) -> None: ...
+
+    old.__annotations__["body"] = Old  # this module's annotations are strings FastAPI could not resolve here
+    with pytest.raises(PydanticV1NotSupportedError, match=r"pydantic\.v1 models are no longer supported"):
+        FastAPI().post("/old")(old)
 
 
 def test_each_function_that_sends_requests_has_its_own_concurrency_parameter(template: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""The web layer: the three seed routes over the engine, and POST /batch (fanout.batch_api).
+"""The web layer: the three seed routes over the engine, POST /batch (fanout.batch_api) and the
+jobs (fanout.jobs.api), each function with only its own routes (FANOUT_ROUTES).
 
 Validation happens here, before any work: `n` above the function's
 `FANOUT_MAX_REQUESTS` is a 422 naming the limit, so n = 10**9 allocates nothing.
@@ -8,21 +9,23 @@ the input is shown as a bounded repr, never re-encoded as JSON.
 
 import math
 import reprlib
+import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Path, Request
+from fastapi._compat import shared as fastapi_compat
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fanout.batch_api import add_batch_route, batch_schemas
 from fanout.budget import call_budget_s
 from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Outcome, Strategy, fan_out
 from fanout.observability import CallReport, Telemetry, UpstreamRecord, call_span, traced_attempt
-from fanout.politeness import retry_after_seconds
-from fanout.runner import build_runner
+from fanout.politeness import Politeness, retry_after_seconds
+from fanout.runner import build_politeness, build_runner, build_transport
 from fanout.settings import Settings, load_settings
 from fanout.transports import Transport
 
@@ -33,6 +36,21 @@ _DESCRIBED = {
 }
 
 
+def _check_pydantic_v1_only_once_imported() -> None:
+    """Keep FastAPI from importing pydantic.v1 (some 20 ms of a 300 ms cold start) only to learn that
+    a route's parameter is no pydantic.v1 model: no such model exists before pydantic.v1 is imported,
+    so FastAPI's own check (and its refusal of v1 models) runs from then on. FastAPI 0.163 imports
+    it at the first route with a parameter; fastapi/fastapi#16374 proposed this condition there."""
+    is_v1_model = fastapi_compat.is_pydantic_v1_model_class
+
+    def is_pydantic_v1_model_class(cls: Any) -> bool:
+        return "pydantic.v1" in sys.modules and is_v1_model(cls)
+
+    fastapi_compat.is_pydantic_v1_model_class = is_pydantic_v1_model_class
+
+
+_check_pydantic_v1_only_once_imported()
+
 #: The name FANOUT_TARGET_URL goes by in logs, metrics and spans.
 SEED_TARGET = "default"
 
@@ -40,19 +58,42 @@ SEED_TARGET = "default"
 def create_app(
     settings: Settings | None = None, transport: Transport | None = None, telemetry: Telemetry | None = None
 ) -> FastAPI:
-    """Build the app for one function; settings and telemetry come from the environment unless given."""
+    """Build the app for one function; settings and telemetry come from the environment unless given.
+
+    The routes are the function's own (FANOUT_ROUTES): a seed function never imports what POST
+    /batch or the jobs need, so its cold start does not pay for them.
+    """
     settings = settings or load_settings()
     telemetry = telemetry or Telemetry.from_env()
-    runner = build_runner(settings, transport)
-    transport, politeness = runner.transport, runner.politeness
-    target = str(settings.target_url)
-    target_path = urlsplit(target).path or "/"
+    transport = transport or build_transport(settings)
+    politeness = build_politeness(settings)
     app = FastAPI(title="fanout", summary="Fan one call out to many upstream requests, bounded.")
     app.state.settings = settings
     app.state.transport = transport
     app.state.telemetry = telemetry
     app.state.politeness = politeness
     app.add_exception_handler(RequestValidationError, _explain_validation_error)
+    if settings.routes in ("all", "sync", "async", "async_sem"):
+        _add_seed_routes(app, settings, transport, politeness, telemetry)
+    if settings.routes in ("all", "batch"):
+        from fanout.batch_api import add_batch_route, batch_schemas
+
+        add_batch_route(app, settings, build_runner(settings, transport, politeness).run, telemetry)
+        _add_to_openapi_components(app, batch_schemas)  # its route reads the body itself
+    if settings.routes == "jobs" or (settings.routes == "all" and settings.jobs_table):
+        from fanout.jobs.api import add_job_routes  # boto3 is imported only where it is used
+
+        add_job_routes(app, settings)
+    return app
+
+
+def _add_seed_routes(
+    app: FastAPI, settings: Settings, transport: Transport, politeness: Politeness, telemetry: Telemetry
+) -> None:
+    """GET /sync/{n}, /async/{n} and /async_sem/{n}/{k} (or the one FANOUT_ROUTES names): n requests to
+    FANOUT_TARGET_URL."""
+    target = str(settings.target_url)
+    target_path = urlsplit(target).path or "/"
 
     async def run(function: str, strategy: Strategy, n: int, concurrency: int, request: Request) -> dict[str, Any]:
         budget = call_budget_s(None, settings.deadline_s, request.scope.get("aws.context"))
@@ -99,38 +140,35 @@ def create_app(
     N = Annotated[int, Path(ge=1, le=max_n, description=f"Number of requests, 1 to {max_n}.")]
     K = Annotated[int, Path(ge=1, description="Requests in flight at most (clamped to the function's limit).")]
 
-    @app.get("/sync/{n}")
     async def sync(n: N, request: Request) -> dict[str, Any]:
         """n requests one after another (never blocking the event loop)."""
         return await run("sync", Strategy.SYNC, n, 1, request)
 
-    @app.get("/async/{n}")
     async def gather(n: N, request: Request) -> dict[str, Any]:
         """n requests at once; at most the function's limit are on the wire."""
         return await run("gather", Strategy.GATHER, n, settings.max_concurrency, request)
 
-    @app.get("/async_sem/{n}/{k}")
     async def semaphore(n: N, k: K, request: Request) -> dict[str, Any]:
         """n requests, at most min(k, the function's limit) in flight."""
         return await run("semaphore", Strategy.SEMAPHORE, n, min(k, settings.max_concurrency), request)
 
-    add_batch_route(app, settings, runner.run, telemetry)
-    if settings.jobs_table:  # the jobs function's; boto3 is imported only where it is used
-        from fanout.jobs.api import add_job_routes
+    for name, path, endpoint in (
+        ("sync", "/sync/{n}", sync),
+        ("async", "/async/{n}", gather),
+        ("async_sem", "/async_sem/{n}/{k}", semaphore),
+    ):
+        if settings.routes in ("all", name):
+            app.get(path)(endpoint)
 
-        add_job_routes(app, settings)
-    _document_batch_body(app)
-    return app
 
-
-def _document_batch_body(app: FastAPI) -> None:
-    """Add POST /batch's models to the OpenAPI components: its route reads the body itself."""
+def _add_to_openapi_components(app: FastAPI, schemas: Callable[[], dict[str, Any]]) -> None:
+    """Add models no route's signature names to the OpenAPI components, built when first asked for."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(batch_schemas())
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(schemas())
         return app.openapi_schema or {}
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -8,7 +8,7 @@ the variable's name, not surface later as a 500 on some request.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, HttpUrl, IPvAnyNetwork, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     target_url: HttpUrl = Field(
         default=HttpUrl(LOCAL_UPSTREAM_URL),
         description="The upstream every request of a call goes to.",
+    )
+    routes: Literal["all", "sync", "async", "async_sem", "batch", "jobs"] = Field(
+        default="all",
+        description="What the function serves: GET /sync, /async or /async_sem, POST /batch, the /jobs routes, "
+        "or all of them (the jobs with a jobs table); a function loads only what its routes need.",
     )
     max_concurrency: int = Field(default=10, ge=1, le=1000, description="Ceiling on requests in flight.")
     max_requests: int = Field(default=1000, ge=1, le=100_000, description="Largest n one call may ask for.")
