@@ -2,12 +2,17 @@
 
 Lambda puts the function at /var/task and the layer at /opt/python, both
 read-only, so no .pyc can be written there: a layer without bytecode compiles
-every module on every cold start. Each figure is the median of 10 fresh
-interpreters (`-S`: nothing but the artifacts on the path; PYTHONDONTWRITEBYTECODE
-as on a read-only /opt), timing `import app` inside the interpreter.
+every module on every cold start. Each figure times `import app` in a fresh
+interpreter (`-S`: nothing but the artifacts on the path; PYTHONDONTWRITEBYTECODE
+as on a read-only /opt; the function's FANOUT_ROUTES from template.yaml, so it
+loads what it does on Lambda). Rounds are interleaved, each in a shuffled order,
+and each build's time in a round is divided by the hello-world's in the same round:
+the median and interquartile range of those ratios are reported, so drift on a
+shared machine hits both sides of a ratio alike.
 
-Compared: the service's layer as `sam build` makes it (precompiled, see
-layers/fanout/Makefile); the same layer with its bytecode removed (what
+Compared: a seed function (GET /async_sem) and the /batch function from the
+service's layer as `sam build` makes it (precompiled, see layers/fanout/Makefile);
+the seed function on the same layer with its bytecode removed (what
 `BuildMethod: python3.13` ships); and a bare FastAPI + Mangum hello-world built
 the same way as ours, the floor for this stack.
 """
@@ -15,6 +20,7 @@ the same way as ours, the floor for this stack.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -23,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = 10
+ROUNDS = 15
+HELLO_WORLD = "FastAPI + Mangum hello-world, precompiled"
 HELLO = """
 import asyncio
 from fastapi import FastAPI
@@ -48,20 +55,26 @@ def _runtime_python() -> str:
     return found
 
 
-def import_ms(python: str, *paths: Path, env: dict[str, str] | None = None) -> list[float]:
+def import_ms(python: str, *paths: Path, env: dict[str, str] | None = None) -> float:
+    """One cold start: `import app` in a fresh interpreter with only `paths` to import from."""
     environment = {
         "PATH": os.environ["PATH"],
         "PYTHONPATH": os.pathsep.join(map(str, paths)),
         "PYTHONDONTWRITEBYTECODE": "1",
         **(env or {}),
     }
-    runs = []
-    for _ in range(SAMPLES):
-        done = subprocess.run([python, "-S", "-c", TIME_IMPORT], env=environment, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(done.stderr)
-        runs.append(float(done.stdout))
-    return runs
+    done = subprocess.run([python, "-S", "-c", TIME_IMPORT], env=environment, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    return float(done.stdout)
+
+
+def _routes(build: Path, function: str) -> dict[str, str]:
+    """The function's FANOUT_ROUTES as the built template sets it."""
+    from fanout_local.template import load_template
+
+    variables = load_template(build / "template.yaml")["Resources"][function]["Properties"]["Environment"]
+    return {"FANOUT_ROUTES": variables["Variables"]["FANOUT_ROUTES"]}
 
 
 def sam_build(scratch: Path) -> Path:
@@ -133,29 +146,54 @@ def hello_world(python: str, scratch: Path) -> Path:
     return scratch / "hello"
 
 
-def cold_start() -> dict[str, Any]:
+def cold_start(rounds: int = ROUNDS) -> dict[str, Any]:
     python = _runtime_python()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         build = sam_build(scratch)
-        layer, function = build / "FanoutLayer", build / "SemaphoreFunction"
+        layer = build / "FanoutLayer"
         bare = scratch / "no-bytecode"
         shutil.copytree(layer, bare)
         for cache in list(bare.rglob("__pycache__")):
             shutil.rmtree(cache)
         hello = hello_world(python, scratch)
-        runs = {
-            "fanout, precompiled layer (sam build)": import_ms(python, function, layer / "python"),
-            "fanout, layer without bytecode": import_ms(python, function, bare / "python"),
-            "FastAPI + Mangum hello-world, precompiled": import_ms(python, hello / "function", hello / "python"),
+        seed, batch = build / "SemaphoreFunction", build / "BatchFunction"
+        builds = {
+            "fanout GET /async_sem, precompiled layer (sam build)": (
+                (seed, layer / "python"),
+                _routes(build, "SemaphoreFunction"),
+            ),
+            "fanout POST /batch, precompiled layer (sam build)": (
+                (batch, layer / "python"),
+                _routes(build, "BatchFunction"),
+            ),
+            "fanout GET /async_sem, layer without bytecode": (
+                (seed, bare / "python"),
+                _routes(build, "SemaphoreFunction"),
+            ),
+            HELLO_WORLD: ((hello / "function", hello / "python"), {}),
         }
+        runs: dict[str, list[float]] = {name: [] for name in builds}
+        for _ in range(rounds):
+            for name in random.sample(list(builds), len(builds)):
+                paths, env = builds[name]
+                runs[name].append(import_ms(python, *paths, env=env))
+        out: dict[str, Any] = {}
+        for name, times in runs.items():
+            ratios = [mine / floor for mine, floor in zip(times, runs[HELLO_WORLD], strict=True)]
+            quartiles = statistics.quantiles(ratios, n=4)
+            out[name] = {
+                "median": statistics.median(times),
+                "min": min(times),
+                "max": max(times),
+                "ratio_median": statistics.median(ratios),
+                "ratio_iqr": [quartiles[0], quartiles[2]],
+            }
         return {
-            "import_ms": {
-                name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in runs.items()
-            },
+            "import_ms": out,
             "layer_mb": _size_mb(layer),
             "layer_zip_mb": _zipped_mb(layer, scratch),
-            "samples": SAMPLES,
+            "rounds": rounds,
         }
 
 
