@@ -327,6 +327,29 @@ def test_each_upstream_attempt_is_a_client_span_under_the_call(
     assert call.attributes["fanout.n"] == 2
 
 
+def test_a_seed_calls_requests_are_spans_under_the_call_unless_it_is_not_sampled(
+    cold_start: Any, spans: InMemorySpanExporter, output: Any
+) -> None:
+    """The seed routes decide once per call: spans for every request of a call that records, none for
+    one a sampler dropped (its requests' latencies are still reported)."""
+    handler = cold_start()
+    assert handler(seed_event("async-http-api-v2.json", 3, "/async/3"), lambda_context())["statusCode"] == 200
+    finished: list[ReadableSpan] = list(spans.get_finished_spans())
+    (call,) = [span for span in finished if span.name == "fanout gather"]
+    attempts = [span for span in finished if span.kind is SpanKind.CLIENT]
+    assert [span.parent.span_id for span in attempts if span.parent] == [call.context.span_id] * 3
+    assert [span.attributes["http.response.status_code"] for span in attempts] == [200] * 3
+    assert {span.name for span in attempts} == {"GET default"}
+    output()
+
+    spans.clear()
+    unsampled = seed_event("async-http-api-v2.json", 3, "/async/3")  # a caller's trace it did not sample
+    unsampled["headers"]["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    assert handler(unsampled, lambda_context())["statusCode"] == 200
+    assert [span.name for span in spans.get_finished_spans()] == []  # neither FastAPI's, the call's nor any request's
+    assert len(output().metric("UpstreamLatency", function="gather", target="default")) == 3
+
+
 def test_a_large_call_publishes_a_sample_of_its_latencies_and_every_count(cold_start: Any, output: Any) -> None:
     handler = cold_start(FANOUT_MAX_CONCURRENCY="50")
     assert handler(seed_event("async-http-api-v2.json", 250, "/async/250"), lambda_context())["statusCode"] == 200

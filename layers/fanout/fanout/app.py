@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 
 from fanout.budget import call_budget_s
 from fanout.engine import DEADLINE_EXCEEDED, FanoutResult, Outcome, Strategy, fan_out
-from fanout.observability import CallReport, Telemetry, UpstreamRecord, call_span, traced_attempt
+from fanout.observability import CallReport, Telemetry, UpstreamRecord, call_span, timed_attempt, traced_attempt
 from fanout.politeness import Politeness, retry_after_seconds
 from fanout.runner import build_politeness, build_runner, build_transport
 from fanout.settings import Settings, load_settings
@@ -104,21 +104,27 @@ def _add_seed_routes(
         deadline = time.monotonic() + budget
         get_status = partial(transport.get_status, target)  # built once: it runs for every request
 
-        async def send(index: int) -> int:
-            async with seed.attempt(deadline) as sent:
-                sent.sending()
-                status, retry_after = await traced_attempt(
-                    get_status,
-                    target=SEED_TARGET,
-                    method="GET",
-                    path=target_path,
-                    status_of=_status_of,
-                    latencies_ms=latencies[index],
-                )
-                sent.answered(status, None if retry_after is None else retry_after_seconds(retry_after))
-            return status
+        with call_span(function, strategy.value, n) as span:
+            traced = span.is_recording()  # else no attempt of the call records a span either: checked once
 
-        with call_span(function, strategy.value, n):
+            async def send(index: int) -> int:
+                async with seed.attempt(deadline) as sent:
+                    sent.sending()
+                    if traced:
+                        answer = await traced_attempt(
+                            get_status,
+                            target=SEED_TARGET,
+                            method="GET",
+                            path=target_path,
+                            status_of=_status_of,
+                            latencies_ms=latencies[index],
+                        )
+                    else:
+                        answer = await timed_attempt(get_status, latencies[index])
+                    status, retry_after = answer
+                    sent.answered(status, None if retry_after is None else retry_after_seconds(retry_after))
+                return status
+
             result = await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=budget)
         records = [
             _record(index, outcome, target_path, latencies[index]) for index, outcome in enumerate(result.outcomes)

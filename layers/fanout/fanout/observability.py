@@ -217,11 +217,11 @@ async def traced_attempt(
     """One upstream attempt in a client span (an X-Ray subsegment); its latency is appended
     to `latencies_ms` when it ends with an answer or an error, not when it is cancelled."""
     if not trace.get_current_span().is_recording():  # no SDK, or the call is not sampled: skip the span
-        return await _timed(attempt, latencies_ms)
+        return await timed_attempt(attempt, latencies_ms)
     attributes = {"fanout.target": target, "http.request.method": method, "url.path": path}
     with _tracer.start_as_current_span(f"{method} {target}", kind=SpanKind.CLIENT, attributes=attributes) as span:
         try:
-            result = await _timed(attempt, latencies_ms)
+            result = await timed_attempt(attempt, latencies_ms)
         except RequestError as exc:
             span.set_attribute("error.type", exc.kind)  # the kind only: a message may hold a URL
             span.set_status(Status(StatusCode.ERROR))
@@ -233,7 +233,10 @@ async def traced_attempt(
         return result
 
 
-async def _timed(attempt: Callable[[], Awaitable[R]], latencies_ms: list[float]) -> R:
+async def timed_attempt(attempt: Callable[[], Awaitable[R]], latencies_ms: list[float]) -> R:
+    """One upstream attempt with no span: what `traced_attempt` does when the current span does not
+    record. A call whose own span does not record can take it for every attempt at once (a sampler
+    decides a child as its parent), which saves some 2 us per request of checking the context."""
     started = time.perf_counter()
     try:
         result = await attempt()
