@@ -52,7 +52,7 @@ if name == "handler+asyncio":
     fanout.lambda_loop.install_event_loop = on_asyncio_loop
 
 if name.startswith("handler"):
-    os.environ.update({"FANOUT_TARGET_URL": url, "FANOUT_MAX_CONCURRENCY": str(k),
+    os.environ.update({"FANOUT_TARGET_URL": url, "FANOUT_MAX_CONCURRENCY": str(k), "FANOUT_ROUTES": "async_sem",
                        "FANOUT_MAX_REQUESTS": str(n), "FANOUT_ALLOW_PRIVATE_NETWORKS": "true"})
     if name == "handler+aiohttp":
         os.environ["FANOUT_TRANSPORT"] = "aiohttp"
