@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from paired import paired_ratio
+
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 15
 HELLO_WORLD = "FastAPI + Mangum hello-world, precompiled"
@@ -157,20 +159,12 @@ def cold_start(rounds: int = ROUNDS) -> dict[str, Any]:
         for cache in list(bare.rglob("__pycache__")):
             shutil.rmtree(cache)
         hello = hello_world(python, scratch)
-        seed, batch = build / "SemaphoreFunction", build / "BatchFunction"
+        seed, seed_env = build / "SemaphoreFunction", _routes(build, "SemaphoreFunction")
+        batch, batch_env = build / "BatchFunction", _routes(build, "BatchFunction")
         builds = {
-            "fanout GET /async_sem, precompiled layer (sam build)": (
-                (seed, layer / "python"),
-                _routes(build, "SemaphoreFunction"),
-            ),
-            "fanout POST /batch, precompiled layer (sam build)": (
-                (batch, layer / "python"),
-                _routes(build, "BatchFunction"),
-            ),
-            "fanout GET /async_sem, layer without bytecode": (
-                (seed, bare / "python"),
-                _routes(build, "SemaphoreFunction"),
-            ),
+            "fanout GET /async_sem, precompiled layer (sam build)": ((seed, layer / "python"), seed_env),
+            "fanout POST /batch, precompiled layer (sam build)": ((batch, layer / "python"), batch_env),
+            "fanout GET /async_sem, layer without bytecode": ((seed, bare / "python"), seed_env),
             HELLO_WORLD: ((hello / "function", hello / "python"), {}),
         }
         runs: dict[str, list[float]] = {name: [] for name in builds}
@@ -180,14 +174,13 @@ def cold_start(rounds: int = ROUNDS) -> dict[str, Any]:
                 runs[name].append(import_ms(python, *paths, env=env))
         out: dict[str, Any] = {}
         for name, times in runs.items():
-            ratios = [mine / floor for mine, floor in zip(times, runs[HELLO_WORLD], strict=True)]
-            quartiles = statistics.quantiles(ratios, n=4)
+            ratio, first, third = paired_ratio(times, runs[HELLO_WORLD])
             out[name] = {
                 "median": statistics.median(times),
                 "min": min(times),
                 "max": max(times),
-                "ratio_median": statistics.median(ratios),
-                "ratio_iqr": [quartiles[0], quartiles[2]],
+                "ratio_median": ratio,
+                "ratio_iqr": [first, third],
             }
         return {
             "import_ms": out,

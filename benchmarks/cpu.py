@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from paired import paired_ratio
+
 ROOT = Path(__file__).resolve().parents[1]
 N, K, ROUNDS = 2000, 100, 15
 #: "handler" is the function as shipped (pyreqwest on uvloop: fanout.transports, fanout.lambda_loop);
@@ -175,14 +177,13 @@ def cpu_per_request(upstream_url: str, *, rounds: int = ROUNDS) -> dict[str, obj
             process.wait(timeout=30)
     out: dict[str, object] = {"n": N, "k": K, "rounds": rounds, "failed": failed}
     for name in CONFIGURATIONS:
-        ratios = [mine / base for mine, base in zip(cpu[name], cpu["aiohttp"], strict=True)]
-        quartiles = statistics.quantiles(ratios, n=4)
+        ratio, first, third = paired_ratio(cpu[name], cpu["aiohttp"])
         out[name] = {
             "us_per_request": statistics.median(cpu[name]) / N * 1e6,
-            "ratio_median": statistics.median(ratios),
-            "ratio_iqr": [quartiles[0], quartiles[2]],
+            "ratio_median": ratio,
+            "ratio_iqr": [first, third],
         }
-        print(f"cpu {name:<16} {statistics.median(cpu[name]) / N * 1e6:6.0f} us/req  {statistics.median(ratios):.2f}x")
+        print(f"cpu {name:<16} {statistics.median(cpu[name]) / N * 1e6:6.0f} us/req  {ratio:.2f}x")
     return out
 
 

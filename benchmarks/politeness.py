@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from paired import paired_ratio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_random_exponential
 from yarl import URL
 
@@ -311,16 +312,15 @@ def healthy_cost(server_url: str) -> list[dict[str, Any]]:
                 assert worker.stdin
                 worker.stdin.close()
                 worker.wait(timeout=30)
-        ratios = [a / f for a, f in zip(walls[True], walls[False], strict=True)]
-        quartiles = statistics.quantiles(ratios, n=4)
+        ratio, first, third = paired_ratio(walls[True], walls[False])
         row = {
             "route": "GET /async_sem/1000/100" if route == "seed" else "POST /batch, 1000 items, k=100",
             "latency_ms": latency,
             "adaptive_ms": statistics.median(walls[True]) * 1000,
             "fixed_ms": statistics.median(walls[False]) * 1000,
-            "ratio": statistics.median(ratios),
-            "ratio_q1": quartiles[0],
-            "ratio_q3": quartiles[2],
+            "ratio": ratio,
+            "ratio_q1": first,
+            "ratio_q3": third,
             "rounds": COST_ROUNDS,
         }
         print(
