@@ -14,13 +14,14 @@ from typing import Any
 
 import pyreqwest.exceptions as pe
 import pytest
+from pyreqwest.request import RequestBuilder
 from yarl import URL
 
 from conftest import run
 from fanout.engine import RequestError
 from fanout.targets import TargetScope
 from fanout.transport_pyreqwest import CLOSED_EARLY, CONNECTING, _request_error
-from fanout.transports import TRANSPORTS, UpstreamResponse, make_transport
+from fanout.transports import DISCARD_BYTES, TRANSPORTS, UpstreamResponse, make_transport
 from fanout_local.upstream import LocalUpstream
 
 CAP = 1000
@@ -51,6 +52,11 @@ def send(request: pytest.FixtureRequest, upstream: LocalUpstream) -> Callable[..
         return run(go())
 
     return call
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -136,6 +142,33 @@ def test_a_header_value_that_is_not_utf8_is_replaced_not_fatal(send: Callable[..
     # aiohttp keeps "caf" and replaces the bad byte; pyreqwest gives no bytes of the value to keep
     assert response.headers["x-legacy"] in {"caf\ufffd", "\ufffd"}
     assert response.headers["content-type"] == "text/plain"  # the other headers are all there
+
+
+def test_a_seed_request_keeps_its_connection_after_a_short_body_and_drops_it_after_a_long_one(
+    transport: str, upstream: LocalUpstream
+) -> None:
+    """The body is not kept: up to DISCARD_BYTES of it is read so the connection can be reused,
+    and a longer body is left unread (its connection closed) rather than read to its end."""
+
+    async def go(path: str, times: int) -> int:
+        client = make_transport(transport, max_connections=1, timeout_s=2, allow_private=True)
+        opened = upstream.stats.connections
+        try:
+            for _ in range(times):
+                assert await client.get_status(upstream.url + path) == (200, None)
+        finally:
+            await client.aclose()
+        return upstream.stats.connections - opened
+
+    assert run(go("/bytes?n=1000", 3)) == 1
+    assert run(go(f"/bytes?n={DISCARD_BYTES // 2}", 3)) == 1
+    assert run(go(f"/bytes?n={DISCARD_BYTES * 128}", 3)) == 3
+    assert run(go("/endless", 2)) == 2
+
+
+def test_pyreqwest_reads_as_much_of_a_body_before_answering_as_a_seed_request_may_discard() -> None:
+    # what fanout.transport_pyreqwest relies on instead of reading a discarded body itself
+    assert RequestBuilder.default_streamed_read_buffer_limit() == DISCARD_BYTES
 
 
 def test_the_seed_routes_get_retry_after(get_status: Callable[[str], tuple[int, str | None]]) -> None:
