@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import itertools
 import json
 import random
@@ -525,7 +524,7 @@ def test_batch_records_are_values() -> None:
     report = ItemReport(id="a", attempts=1, elapsed_s=0.1)
     batch = BatchRun(reports=[report], concurrency=1, elapsed_s=0.1)
     for value, field in ((item, "id"), (report, "attempts"), (batch, "concurrency")):
-        with pytest.raises(dataclasses.FrozenInstanceError):
+        with pytest.raises(AttributeError):
             setattr(value, field, None)
         assert not hasattr(value, "__dict__")
     assert (item.target, batch.rate_limit_waits, batch.rate_limit_wait_s) == ("t", None, 0.0)

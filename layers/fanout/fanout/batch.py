@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiolimiter import AsyncLimiter
 from tenacity import (
@@ -51,7 +52,7 @@ from fanout.engine import (
     fan_out,
 )
 from fanout.observability import UpstreamRecord, traced_attempt
-from fanout.politeness import UNANSWERED, Politeness, TargetLimiter, TargetReport, retry_after_seconds
+from fanout.politeness import NO_TARGETS, UNANSWERED, Politeness, TargetLimiter, TargetReport, retry_after_seconds
 from fanout.targets import TargetScope
 from fanout.transports import Transport, UpstreamResponse
 
@@ -64,8 +65,7 @@ CUT_BY_DEADLINE = "the call's deadline passed while this request was in flight"
 RATE_LIMIT_WAIT_S = 0.001  # an attempt that waited longer than this for the rate limit counts as a wait
 
 
-@dataclass(frozen=True, slots=True)
-class BatchItem:
+class BatchItem(NamedTuple):
     id: str
     method: str
     url: URL
@@ -84,8 +84,7 @@ class BatchItem:
         return self.method in IDEMPOTENT_METHODS or self.idempotency_key is not None
 
 
-@dataclass(frozen=True, slots=True)
-class ItemReport:
+class ItemReport(NamedTuple):
     id: str
     attempts: int
     elapsed_s: float
@@ -101,14 +100,13 @@ class ItemReport:
         return self.response is not None and self.response.status < 400
 
 
-@dataclass(frozen=True, slots=True)
-class BatchRun:
+class BatchRun(NamedTuple):
     reports: list[ItemReport]
     concurrency: int
     elapsed_s: float
     rate_limit_waits: int | None = None  # None: no rate limit
     rate_limit_wait_s: float = 0.0
-    targets: dict[str, TargetReport] = field(default_factory=dict)  # what politeness did to each target
+    targets: Mapping[str, TargetReport] = NO_TARGETS  # what politeness did to each target
 
     def records(self, items: list[BatchItem]) -> list[UpstreamRecord]:
         """Each item's report as the operator sees it (fanout.observability)."""
@@ -226,9 +224,8 @@ class BatchRunner:
         ended = time.perf_counter()
         ended_as = zip(items, result.outcomes, strict=True)  # equivalent: True -> False (same lengths)
         reports = [
-            replace(
-                _report(item, outcome, progress.attempts[index], ended - progress.started[index]),
-                latencies_ms=tuple(progress.latencies_ms[index]),
+            _report(item, outcome, progress.attempts[index], ended - progress.started[index])._replace(
+                latencies_ms=tuple(progress.latencies_ms[index])
             )
             for index, (item, outcome) in enumerate(ended_as)
         ]

@@ -23,7 +23,7 @@ import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from fanout.batch import ItemReport
 from fanout.strict_json import loads_upstream
@@ -107,8 +107,7 @@ def item_line(report: ItemReport, **first: Any) -> str:
     return item.text
 
 
-@dataclass(frozen=True)
-class Rendered:
+class Rendered(NamedTuple):
     body: bytes
     dropped: dict[str, int]  # bodies, headers, messages
 

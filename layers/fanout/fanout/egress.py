@@ -33,7 +33,7 @@ import enum
 import ipaddress
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 FORBIDDEN_ADDRESS = "ForbiddenAddress"
 RUNTIME_API_ENV = "AWS_LAMBDA_RUNTIME_API"
@@ -202,8 +202,7 @@ def lambda_runtime_api() -> tuple[str, int] | None:
     return host.strip("[]"), int(port)  # equivalent: '[]' -> 'XX..XX' (no address has an X to strip)
 
 
-@dataclass(frozen=True, slots=True)
-class EgressPolicy:
+class EgressPolicy(NamedTuple):
     """Global unicast addresses, plus `allowed_networks`; never what is always refused."""
 
     allowed_networks: tuple[IPNetwork, ...] = ()

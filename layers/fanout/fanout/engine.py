@@ -19,8 +19,7 @@ import asyncio
 import enum
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 SKIPPED_DEADLINE = "deadline"
@@ -49,8 +48,7 @@ class RequestError(Exception):
         self.internal = internal
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome(Generic[T]):
+class Outcome(NamedTuple, Generic[T]):
     """What became of one call: a value, an error's name, or why it never started."""
 
     value: T | None = None
@@ -59,8 +57,7 @@ class Outcome(Generic[T]):
     skipped: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class FanoutResult(Generic[T]):
+class FanoutResult(NamedTuple, Generic[T]):
     strategy: Strategy
     concurrency: int
     elapsed_s: float

@@ -23,8 +23,8 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.logging import correlation_paths
@@ -33,7 +33,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from fanout.engine import RequestError
-from fanout.politeness import TargetReport
+from fanout.politeness import NO_TARGETS, TargetReport
 
 SERVICE_ENV = "POWERTOOLS_SERVICE_NAME"
 NAMESPACE_ENV = "POWERTOOLS_METRICS_NAMESPACE"
@@ -73,8 +73,7 @@ class UpstreamRecord:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class CallReport:
+class CallReport(NamedTuple):
     function: str  # sync | gather | semaphore | batch: the function serving the route
     strategy: str
     concurrency: int
@@ -83,7 +82,7 @@ class CallReport:
     requests: list[UpstreamRecord]
     rate_limit_waits: int | None = None  # None: no rate limit configured
     rate_limit_wait_s: float = 0.0
-    targets: Mapping[str, TargetReport] = field(default_factory=dict)  # what politeness did to each target
+    targets: Mapping[str, TargetReport] = NO_TARGETS  # what politeness did to each target
 
     def throttled_shares(self) -> dict[str, float]:
         """Per target, the percentage of this call's requests to it answered 429 or 503."""
@@ -114,7 +113,7 @@ class CallReport:
             summary["rate_limit_waits"] = self.rate_limit_waits
             summary["rate_limit_wait_ms"] = round(self.rate_limit_wait_s * 1000, 1)
         if self.targets:
-            summary["targets"] = {name: asdict(report) for name, report in self.targets.items()}
+            summary["targets"] = {name: report._asdict() for name, report in self.targets.items()}
         return summary
 
 

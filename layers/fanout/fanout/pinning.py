@@ -19,7 +19,7 @@ import functools
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyreqwest.http import Url
 
@@ -30,8 +30,7 @@ from fanout.engine import RequestError
 PIN_TTL_S = 60.0  # pragma: no mutate (a choice of how long, not a rule a test could hold)
 
 
-@dataclass(frozen=True, slots=True)  # pragma: no mutate (values: nothing assigns to them)
-class Destination:
+class Destination(NamedTuple):
     """A URL's host and port as the client reads them; `address` is set when the host is a literal."""
 
     host: str
@@ -55,8 +54,7 @@ def destination(url: str) -> Destination:
         return Destination(host, port, None)
 
 
-@dataclass(frozen=True, slots=True)  # pragma: no mutate (values: nothing assigns to them)
-class Pin:
+class Pin(NamedTuple):
     """A name's answer: every address (each one checked), the first one pinned, until `expires`."""
 
     addresses: tuple[str, ...]

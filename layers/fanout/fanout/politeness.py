@@ -51,6 +51,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from types import MappingProxyType
 from typing import NamedTuple
 
 from fanout.engine import RequestError
@@ -565,8 +566,7 @@ class Counters(NamedTuple):
 NO_COUNTS = Counters(0, 0, 0)
 
 
-@dataclass(frozen=True, slots=True)
-class TargetReport:
+class TargetReport(NamedTuple):
     """One target in one call's summary and metrics."""
 
     throttled: int  # answers 429 or 503
@@ -575,6 +575,9 @@ class TargetReport:
     limit: int  # requests in flight it may have now
     rate_per_s: float | None  # starts per second it is paced to now; None: not paced
     circuit: str
+
+
+NO_TARGETS: Mapping[str, TargetReport] = MappingProxyType({})  # a call that reached no target
 
 
 class Politeness:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, unquote
 
 from yarl import URL
@@ -73,8 +72,7 @@ def target_url(base: str, path: str, query: Mapping[str, Any]) -> URL:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class TargetScope:
+class TargetScope(NamedTuple):
     """What one target's requests may reach: its host, redirect hosts, schemes, and private networks."""
 
     name: str

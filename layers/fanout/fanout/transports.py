@@ -38,8 +38,7 @@ import asyncio
 import time
 import zlib
 from collections.abc import AsyncIterator, Hashable
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from yarl import URL
 
@@ -62,16 +61,14 @@ USER_AGENT = "fanout"  # what every request says it comes from, unless its calle
 CONNECT_SHARE = 0.9
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamResponse:
+class UpstreamResponse(NamedTuple):
     status: int
     headers: dict[str, str]  # names in lower case
     body: bytes
     truncated: bool  # the body was longer than the cap and was cut there
 
 
-@dataclass(frozen=True, slots=True)
-class Hop:
+class Hop(NamedTuple):
     """One request of a `send`, as a transport makes it: a redirect's next hop is another."""
 
     method: str
