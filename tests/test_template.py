@@ -91,6 +91,9 @@ def test_a_seed_functions_cold_start_loads_none_of_what_it_does_not_serve() -> N
     assert out.stdout.strip() == "[]"
     env["FANOUT_ROUTES"] = "batch"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "['fanout.batch', 'fanout.batch_api', 'tenacity']"  # no rate cap: no aiolimiter
+    env["FANOUT_RATE_PER_S"] = "50"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "['aiolimiter', 'fanout.batch', 'fanout.batch_api', 'tenacity']"
 
 

@@ -29,9 +29,8 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from aiolimiter import AsyncLimiter
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -55,6 +54,9 @@ from fanout.observability import UpstreamRecord, traced_attempt
 from fanout.politeness import NO_TARGETS, UNANSWERED, Politeness, TargetLimiter, TargetReport, retry_after_seconds
 from fanout.targets import TargetScope
 from fanout.transports import Transport, UpstreamResponse
+
+if TYPE_CHECKING:
+    from aiolimiter import AsyncLimiter
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -184,7 +186,11 @@ class BatchRunner:
         self.max_item_bytes = max_item_bytes
         self.politeness = politeness
         # A leaky bucket over all calls of this container, one token per attempt.
-        self.limiter = AsyncLimiter(rate_per_s, 1.0) if rate_per_s else None
+        self.limiter: AsyncLimiter | None = None
+        if rate_per_s:
+            from aiolimiter import AsyncLimiter  # only a container with a rate cap loads it (about 1 ms)
+
+            self.limiter = AsyncLimiter(rate_per_s, 1.0)
         self._jitter = wait_random_exponential(multiplier=BACKOFF_BASE_S, max=BACKOFF_CAP_S)
 
     async def run(
