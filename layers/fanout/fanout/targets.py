@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, unquote
 
-from yarl import URL
-
 from fanout.egress import PRIVATE_NETWORKS, IPNetwork
 
 if TYPE_CHECKING:
+    from yarl import URL
+
     from fanout.settings import UpstreamTarget
 
 REDIRECT_REFUSED = "RedirectRefused"
@@ -57,6 +57,8 @@ def check_path(path: str) -> str:
 
 def target_url(base: str, path: str, query: Mapping[str, Any]) -> URL:
     """`base` with `path` appended and `query` added: never another host or a parent of its path."""
+    from yarl import URL  # loaded by fanout.batch, whose items these URLs are
+
     url = URL(base)
     joined = URL.build(
         scheme=url.scheme,

@@ -38,7 +38,6 @@ from pyreqwest.exceptions import (
     RequestTimeoutError,
     WriteError,
 )
-from yarl import URL
 
 from fanout.egress import EgressPolicy, EgressRefused, IPNetwork, Reason, parse_address
 from fanout.engine import RequestError
@@ -167,6 +166,8 @@ class PyreqwestTransport(Transport):
     def _unsendable(self, url: str, networks: tuple[IPNetwork, ...]) -> Exception:
         """Why a URL reqwest would not even parse is refused: the guard's reason when its host reads as an
         address (`[::1%25]`: a zone id), so no spelling of a local address is reported as anything else."""
+        from yarl import URL  # a seed function loads it only here, for a URL it cannot send
+
         parsed = URL(url, encoded=True)  # pragma: no mutate (encoded or not, the same host)
         host = parsed.host or ""  # pragma: no mutate (no host is no address, whatever stands for it)
         if parse_address(host) is not None:
