@@ -4,8 +4,8 @@ Lambda puts the function at /var/task and the layer at /opt/python, both
 read-only, so no .pyc can be written there: a layer without bytecode compiles
 every module on every cold start. Each figure times `import app` in a fresh
 interpreter (`-S`: nothing but the artifacts on the path; PYTHONDONTWRITEBYTECODE
-as on a read-only /opt; the function's FANOUT_ROUTES from template.yaml, so it
-loads what it does on Lambda). Rounds are interleaved, each in a shuffled order,
+as on a read-only /opt; the variables template.yaml fixes for the function, such
+as FANOUT_ROUTES, so it loads what it does on Lambda). Rounds are interleaved, each in a shuffled order,
 and each build's time in a round is divided by the hello-world's in the same round:
 the median and interquartile range of those ratios are reported, so drift on a
 shared machine hits both sides of a ratio alike.
@@ -71,12 +71,17 @@ def import_ms(python: str, *paths: Path, env: dict[str, str] | None = None) -> f
     return float(done.stdout)
 
 
-def _routes(build: Path, function: str) -> dict[str, str]:
-    """The function's FANOUT_ROUTES as the built template sets it."""
+def _environment(build: Path, function: str) -> dict[str, str]:
+    """The variables the built template sets to a fixed value for the function (Globals, then its own:
+    FANOUT_ROUTES, PYDANTIC_DISABLE_PLUGINS, ...); those set from parameters keep their defaults."""
     from fanout_local.template import load_template
 
-    variables = load_template(build / "template.yaml")["Resources"][function]["Properties"]["Environment"]
-    return {"FANOUT_ROUTES": variables["Variables"]["FANOUT_ROUTES"]}
+    template = load_template(build / "template.yaml")
+    variables = {
+        **template["Globals"]["Function"]["Environment"]["Variables"],
+        **template["Resources"][function]["Properties"]["Environment"]["Variables"],
+    }
+    return {name: value for name, value in variables.items() if isinstance(value, str)}
 
 
 def sam_build(scratch: Path) -> Path:
@@ -159,8 +164,8 @@ def cold_start(rounds: int = ROUNDS) -> dict[str, Any]:
         for cache in list(bare.rglob("__pycache__")):
             shutil.rmtree(cache)
         hello = hello_world(python, scratch)
-        seed, seed_env = build / "SemaphoreFunction", _routes(build, "SemaphoreFunction")
-        batch, batch_env = build / "BatchFunction", _routes(build, "BatchFunction")
+        seed, seed_env = build / "SemaphoreFunction", _environment(build, "SemaphoreFunction")
+        batch, batch_env = build / "BatchFunction", _environment(build, "BatchFunction")
         builds = {
             "fanout GET /async_sem, precompiled layer (sam build)": ((seed, layer / "python"), seed_env),
             "fanout POST /batch, precompiled layer (sam build)": ((batch, layer / "python"), batch_env),
