@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
@@ -82,18 +82,17 @@ class CallReport(NamedTuple):
     rate_limit_wait_s: float = 0.0
     targets: Mapping[str, TargetReport] = NO_TARGETS  # what politeness did to each target
 
-    def throttled_shares(self) -> dict[str, float]:
+    def throttled_shares(self, tally: CallTally) -> dict[str, float]:
         """Per target, the percentage of this call's requests to it answered 429 or 503."""
-        sent = Counter[str]()
-        for record in self.requests:
-            sent[record.target] += record.attempts
-        return {
-            name: 100 * report.throttled / sent[name] if sent[name] else 0.0 for name, report in self.targets.items()
-        }
+        shares = {}
+        for name, report in self.targets.items():
+            sent = tally.targets[name].attempts if name in tally.targets else 0
+            shares[name] = 100 * report.throttled / sent if sent else 0.0
+        return shares
 
-    def summary(self) -> dict[str, Any]:
-        failed = sum(record.error_type is not None for record in self.requests)
-        skipped = sum(record.skipped for record in self.requests)
+    def summary(self, tally: CallTally) -> dict[str, Any]:
+        failed = len(tally.failed)
+        skipped = tally.skipped
         summary: dict[str, Any] = {
             "function": self.function,
             "strategy": self.strategy,
@@ -102,8 +101,8 @@ class CallReport(NamedTuple):
             "succeeded": len(self.requests) - failed - skipped,
             "failed": failed,
             "skipped": skipped,
-            "upstream_requests": sum(record.attempts for record in self.requests),
-            "retries": sum(max(record.attempts - 1, 0) for record in self.requests),
+            "upstream_requests": sum(target.attempts for target in tally.targets.values()),
+            "retries": sum(target.retries for target in tally.targets.values()),
             "elapsed_ms": round(self.elapsed_s * 1000, 1),
             "deadline_left_ms": round((self.deadline_s - self.elapsed_s) * 1000, 1),
         }
@@ -113,6 +112,44 @@ class CallReport(NamedTuple):
         if self.targets:
             summary["targets"] = {name: report._asdict() for name, report in self.targets.items()}
         return summary
+
+
+class TargetTally:
+    """What one call sent to one target, and how it ended."""
+
+    __slots__ = ("attempts", "failures", "latencies_ms", "retries")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.retries = 0
+        self.latencies_ms: list[float] = []
+        self.failures = Counter[str]()  # by error type
+
+
+class CallTally:
+    """A call's requests counted in one pass (a call has up to 10,000 of them, and the summary,
+    the log lines and the metrics each need a count): by target, the failed ones, the skipped."""
+
+    __slots__ = ("failed", "skipped", "targets")
+
+    def __init__(self, requests: list[UpstreamRecord]) -> None:
+        self.targets: dict[str, TargetTally] = {}  # in the order of each target's first request
+        self.failed: list[tuple[UpstreamRecord, str]] = []  # with its error type
+        self.skipped = 0
+        for record in requests:
+            target = self.targets.get(record.target)
+            if target is None:
+                target = self.targets[record.target] = TargetTally()
+            target.attempts += record.attempts
+            if record.attempts > 1:
+                target.retries += record.attempts - 1
+            target.latencies_ms.extend(record.latencies_ms)
+            error_type = record.error_type
+            if error_type is not None:
+                target.failures[error_type] += 1
+                self.failed.append((record, error_type))
+            elif record.skipped:
+                self.skipped += 1
 
 
 class Telemetry:
@@ -134,27 +171,27 @@ class Telemetry:
         )
 
     def report(self, call: CallReport) -> None:
-        summary = call.summary()
-        for record in call.requests:
-            if record.error_type is not None:
-                self.logger.warning(
-                    "upstream request failed",
-                    extra={
-                        "function": call.function,
-                        "request": record.ref,
-                        "target": record.target,
-                        "method": record.method,
-                        "path": record.path,
-                        "error_type": record.error_type,
-                        "status": record.status,
-                        "attempts": record.attempts,
-                        **({"detail": record.internal} if record.internal else {}),
-                    },
-                )
+        tally = CallTally(call.requests)
+        summary = call.summary(tally)
+        for record, error_type in tally.failed:
+            self.logger.warning(
+                "upstream request failed",
+                extra={
+                    "function": call.function,
+                    "request": record.ref,
+                    "target": record.target,
+                    "method": record.method,
+                    "path": record.path,
+                    "error_type": error_type,
+                    "status": record.status,
+                    "attempts": record.attempts,
+                    **({"detail": record.internal} if record.internal else {}),
+                },
+            )
         self.logger.info("fanout call", extra=summary)
-        self._emit_metrics(call, summary)
+        self._emit_metrics(call, summary, tally)
 
-    def _emit_metrics(self, call: CallReport, summary: dict[str, Any]) -> None:
+    def _emit_metrics(self, call: CallReport, summary: dict[str, Any], tally: CallTally) -> None:
         calls = self._metrics(function=call.function)
         calls.add_metric("Calls", MetricUnit.Count, 1)
         calls.add_metric("CallDuration", MetricUnit.Milliseconds, summary["elapsed_ms"])
@@ -162,18 +199,15 @@ class Telemetry:
         if call.rate_limit_waits is not None:
             calls.add_metric("RateLimitWaits", MetricUnit.Count, call.rate_limit_waits)
             calls.add_metric("RateLimitWaitTime", MetricUnit.Milliseconds, summary["rate_limit_wait_ms"])
-        shares = call.throttled_shares()
+        shares = call.throttled_shares(tally)
         if shares:  # the alarm's metric: one per function, whichever targets a call reached
             calls.add_metric("MaxTargetThrottledShare", MetricUnit.Percent, round(max(shares.values()), 1))
         _flush(calls)
 
-        by_target: dict[str, list[UpstreamRecord]] = defaultdict(list)
-        for record in call.requests:
-            by_target[record.target].append(record)
-        for target, records in by_target.items():
+        for target, counted in tally.targets.items():
             sent = self._metrics(function=call.function, target=target)
-            sent.add_metric("UpstreamRequests", MetricUnit.Count, sum(r.attempts for r in records))
-            sent.add_metric("Retries", MetricUnit.Count, sum(max(r.attempts - 1, 0) for r in records))
+            sent.add_metric("UpstreamRequests", MetricUnit.Count, counted.attempts)
+            sent.add_metric("Retries", MetricUnit.Count, counted.retries)
             polite = call.targets.get(target)
             if polite is not None:
                 sent.add_metric("Throttled", MetricUnit.Count, polite.throttled)
@@ -183,14 +217,13 @@ class Telemetry:
             _flush(sent)
             # In lines of a few values: Powertools' add_metric formats the metric's whole value
             # list into a debug message each time, so one line of 100 values costs 5x more.
-            sample = latency_sample([ms for r in records for ms in r.latencies_ms])
+            sample = latency_sample(counted.latencies_ms)
             for start in range(0, len(sample), LATENCY_VALUES_PER_LINE):
                 timed = self._metrics(function=call.function, target=target)
                 for latency in sample[start : start + LATENCY_VALUES_PER_LINE]:
                     timed.add_metric("UpstreamLatency", MetricUnit.Milliseconds, latency)
                 _flush(timed)
-            failures = Counter(r.error_type for r in records if r.error_type is not None)
-            for error_type, count in sorted(failures.items()):
+            for error_type, count in sorted(counted.failures.items()):
                 failed = self._metrics(function=call.function, target=target, error_type=error_type)
                 failed.add_metric("UpstreamFailures", MetricUnit.Count, count)
                 _flush(failed)
