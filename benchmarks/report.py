@@ -101,7 +101,8 @@ def headline(rows: list[Any]) -> list[str]:
     if sem := find("http1", "semaphore", 1000, 50, 100, SHIPPED):
         lines.append(
             target_row(
-                "semaphore N=1000 L=50 k=100: within 5% of the delay chain (efficiency >= 0.95)",
+                "semaphore N=1000 L=50 k=100, engine + shipped transport (asyncio's loop): within 5% of the delay"
+                " chain (efficiency >= 0.95)",
                 f"{sem.efficiency:.3f} ({_ms(sem.median_s)} ms)",
                 sem.efficiency >= 0.95,
             )
@@ -292,6 +293,8 @@ def write_report(
     shipped_cold = {name: v for name, v in cold["import_ms"].items() if name.endswith("(sam build)")}
     cold_ms = max(v["median"] for v in shipped_cold.values())
     handler_overhead = max(r["overhead_ms"] for r in service if r["path"] == "Mangum handler")
+    chain = next(r for r in service if (r["path"], r["n"], r["latency_ms"]) == ("Mangum handler", 1000, 50))
+    chain_efficiency = math.ceil(chain["n"] / chain["k"]) * chain["latency_ms"] / chain["wall_ms"]
     lines = [
         "# Benchmark results",
         "",
@@ -308,6 +311,12 @@ def write_report(
         ),
         target_row(
             "Mangum handler overhead per call < 5 ms", f"{handler_overhead:.2f} ms at most", handler_overhead < 5
+        ),
+        target_row(
+            "semaphore N=1000 L=50 k=100 through the real handler (uvloop), as the caller waits: within 5% of"
+            " the delay chain",
+            f"{chain_efficiency:.3f} ({chain['wall_ms']:.1f} ms)",
+            chain_efficiency >= 0.95,
         ),
         target_row("cold start from built artifacts < 500 ms", f"{cold_ms:.0f} ms at most", cold_ms < 500),
         target_row(
