@@ -17,8 +17,12 @@ import sys
 from servers import http1_upstream
 
 SIZES = [1000, 5000, 10000]
+# A probe ends with os._exit once it has printed: pyreqwest's runtime thread can take the GIL while
+# the interpreter finalizes ("PyGILState_Release: thread state ... must be current", SIGSEGV, some 5 %
+# of exits here, with or without reading bodies), a known hazard of tokio threads in pyo3 extensions.
+# Lambda never finalizes the interpreter, so only a short-lived process like this one meets it.
 PROBE = """
-import asyncio, sys
+import asyncio, os, sys
 from fanout.engine import Strategy, fan_out
 from fanout.settings import Settings
 from fanout.transports import make_transport
@@ -38,13 +42,14 @@ async def main(url, n):
     result = await fan_out(send, n=n, strategy=Strategy.GATHER, concurrency=100, deadline_s=60)
     after = peak_rss()
     await transport.aclose()
-    print(after - before, sum(o.value != 200 for o in result.outcomes))
+    print(after - before, sum(o.value != 200 for o in result.outcomes), flush=True)
 
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+os._exit(0)  # not finalizing: see above
 """
 QUEUED_SIZES = [1000, 5000]
 QUEUED_PROBE = """
-import asyncio, sys, tracemalloc
+import asyncio, os, sys, tracemalloc
 from fanout.engine import Strategy, fan_out
 from fanout.settings import Settings
 from fanout.transports import make_transport
@@ -62,9 +67,10 @@ async def main(url, n):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     await transport.aclose()
-    print(peak - before, sum(o.value != 200 for o in result.outcomes))
+    print(peak - before, sum(o.value != 200 for o in result.outcomes), flush=True)
 
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+os._exit(0)  # not finalizing: see above
 """
 
 
