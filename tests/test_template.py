@@ -88,15 +88,16 @@ def test_a_seed_functions_cold_start_loads_none_of_what_it_does_not_serve() -> N
         " 'pydantic.v1'};"
         "print(sorted(loaded & set(sys.modules)))"
     )
-    env = {**os.environ, "FANOUT_ROUTES": "async_sem"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "[]"
-    env["FANOUT_ROUTES"] = "batch"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "['fanout.batch', 'fanout.batch_api', 'tenacity', 'yarl']"  # no rate cap
-    env["FANOUT_RATE_PER_S"] = "50"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "['aiolimiter', 'fanout.batch', 'fanout.batch_api', 'tenacity', 'yarl']"
+
+    def loaded(**variables: str) -> str:
+        env = {**os.environ, **variables}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return out.stdout.strip()
+
+    assert loaded(FANOUT_ROUTES="async_sem") == "[]"
+    assert loaded(FANOUT_ROUTES="batch") == "['fanout.batch', 'fanout.batch_api', 'tenacity', 'yarl']"  # no rate cap
+    with_cap = loaded(FANOUT_ROUTES="batch", FANOUT_RATE_PER_S="50")
+    assert with_cap == "['aiolimiter', 'fanout.batch', 'fanout.batch_api', 'tenacity', 'yarl']"
 
 
 def test_fastapi_still_refuses_a_pydantic_v1_model_once_v1_is_imported() -> None:

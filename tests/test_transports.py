@@ -28,12 +28,17 @@ CAP = 1000
 
 
 @pytest.fixture(params=TRANSPORTS)
-def send(request: pytest.FixtureRequest, upstream: LocalUpstream) -> Callable[..., UpstreamResponse]:
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def send(transport: str, upstream: LocalUpstream) -> Callable[..., UpstreamResponse]:
     """`send(path, **options)` through one transport (a new one per call) to the bundled upstream."""
 
     def call(path: str, *, method: str = "GET", max_redirects: int = 2, timeout_s: float = 2.0) -> UpstreamResponse:
         async def go() -> UpstreamResponse:
-            client = make_transport(request.param, max_connections=4, timeout_s=timeout_s, allow_private=True)
+            client = make_transport(transport, max_connections=4, timeout_s=timeout_s, allow_private=True)
             scope = TargetScope(
                 name="t",
                 host="127.0.0.1",
@@ -54,16 +59,11 @@ def send(request: pytest.FixtureRequest, upstream: LocalUpstream) -> Callable[..
     return call
 
 
-@pytest.fixture(params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture(params=TRANSPORTS)
-def get_status(request: pytest.FixtureRequest, upstream: LocalUpstream) -> Callable[[str], tuple[int, str | None]]:
+@pytest.fixture
+def get_status(transport: str, upstream: LocalUpstream) -> Callable[[str], tuple[int, str | None]]:
     def call(path: str) -> tuple[int, str | None]:
         async def go() -> tuple[int, str | None]:
-            client = make_transport(request.param, max_connections=4, timeout_s=0.5, allow_private=True)
+            client = make_transport(transport, max_connections=4, timeout_s=0.5, allow_private=True)
             try:
                 return await client.get_status(upstream.url + path)
             finally:
