@@ -86,7 +86,8 @@ class CallReport(NamedTuple):
         """Per target, the percentage of this call's requests to it answered 429 or 503."""
         shares = {}
         for name, report in self.targets.items():
-            sent = tally.targets[name].attempts if name in tally.targets else 0
+            counted = tally.targets.get(name)
+            sent = counted.attempts if counted is not None else 0
             shares[name] = 100 * report.throttled / sent if sent else 0.0
         return shares
 
