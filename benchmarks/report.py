@@ -299,7 +299,8 @@ def write_report(
         "# Benchmark results",
         "",
         f"One run of `make bench` on {machine['cpus']} CPUs, Python {machine['python']}, {machine['when']}. "
-        "Loopback, tiny JSON bodies; upstream in its own process.",
+        f"Loopback, tiny JSON bodies; upstream in its own process, {machine.get('cores', 'sharing the cores')}"
+        " (jobs: the whole machine).",
         "",
         "## Targets",
         "",

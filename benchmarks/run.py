@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from candidates import Candidate, make_candidates
-from servers import Server, http1_upstream, tls_upstream
+from servers import Cores, Server, http1_upstream, on_cores, split_cores, tls_upstream
 
 from fanout.engine import Outcome, Strategy
 
@@ -252,6 +252,10 @@ def main() -> None:
     names = ["baseline", "httpx", "httpx2", "httpx-aiohttp", "aiohttp", "pyreqwest", "pyreqwest-unguarded", "floor"]
     if args.quick:
         names = ["baseline", "httpx-aiohttp", "aiohttp", "pyreqwest", "pyreqwest-unguarded", "floor"]
+    cores = split_cores()
+    if cores is not None:
+        # Before any client thread starts: what this process starts inherits the client's cores.
+        os.sched_setaffinity(0, cores.client)
     loop = asyncio.new_event_loop()
     rows: list[Row] = []
     with http1_upstream() as server:
@@ -268,7 +272,9 @@ def main() -> None:
         cpu = cpu_per_request(server.url, rounds=4 if args.quick else 15)
         from jobs import jobs_through_the_local_stack
 
-        jobs = jobs_through_the_local_stack(server.url, quick=args.quick)
+        with on_cores(None if cores is None else cores.client | cores.upstream):
+            # the local stack with its AWS stand-ins, as `make run` starts it: the whole machine
+            jobs = jobs_through_the_local_stack(server.url, quick=args.quick)
     with tls_upstream() as server:
         rows += tls_cold_and_warm(loop, server, [100, 1000])
     loop.close()
@@ -276,13 +282,18 @@ def main() -> None:
     from memory import memory_per_request
     from report import write_report
 
-    write_report(rows, service_rows, guard, memory_per_request(), cold_start(), _machine(), RESULTS, polite, jobs, cpu)
+    write_report(
+        rows, service_rows, guard, memory_per_request(), cold_start(), _machine(cores), RESULTS, polite, jobs, cpu
+    )
 
 
-def _machine() -> dict[str, Any]:
+def _machine(cores: Cores | None) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "cores": "upstreams on a core of their own"
+        if cores is not None
+        else "upstreams and client on the same core (one CPU)",
         "platform": platform.platform(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "argv": " ".join(sys.argv[1:]),

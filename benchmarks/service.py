@@ -23,7 +23,7 @@ from fanout_local.gateway import running_gateway
 from fanout_local.worker import LocalContext
 
 ROOT = Path(__file__).resolve().parents[1]
-CALLS = {10: 30, 1000: 5}
+CALLS = {10: 30, 1000: 9}
 
 
 def _load_handler(target_url: str, concurrency: int) -> Any:
