@@ -300,7 +300,7 @@ def write_report(
         "",
         f"One run of `make bench` on {machine['cpus']} CPUs, Python {machine['python']}, {machine['when']}. "
         f"Loopback, tiny JSON bodies; upstream in its own process, {machine.get('cores', 'sharing the cores')}"
-        " (jobs: the whole machine).",
+        " (jobs and cold start: the whole machine).",
         "",
         "## Targets",
         "",

@@ -253,38 +253,40 @@ def main() -> None:
     if args.quick:
         names = ["baseline", "httpx-aiohttp", "aiohttp", "pyreqwest", "pyreqwest-unguarded", "floor"]
     cores = split_cores()
-    if cores is not None:
-        # Before any client thread starts: what this process starts inherits the client's cores.
-        os.sched_setaffinity(0, cores.client)
-    loop = asyncio.new_event_loop()
-    rows: list[Row] = []
-    with http1_upstream() as server:
-        rows += run_matrix(loop, "http1", server, names, ns, [0, 50], strategy_matrix())
-        guard = guard_cost(loop, server)
-        from service import through_service  # imports the handler: after the bare engine cells
+    whole_machine = None if cores is None else cores.client | cores.upstream
+    # A client against an upstream: the client on cores of its own (set before any client thread
+    # starts: what this thread starts inherits them).
+    with on_cores(None if cores is None else cores.client):
+        loop = asyncio.new_event_loop()
+        rows: list[Row] = []
+        with http1_upstream() as server:
+            rows += run_matrix(loop, "http1", server, names, ns, [0, 50], strategy_matrix())
+            guard = guard_cost(loop, server)
+            from service import through_service  # imports the handler: after the bare engine cells
 
-        service_rows = through_service(server, ns=[10, 1000])
-        from politeness import healthy_cost, politeness_table
+            service_rows = through_service(server, ns=[10, 1000])
+            from politeness import healthy_cost, politeness_table
 
-        polite = {"table": politeness_table(server.url, quick=args.quick), "healthy": healthy_cost(server.url)}
-        from cpu import cpu_per_request
+            polite = {"table": politeness_table(server.url, quick=args.quick), "healthy": healthy_cost(server.url)}
+            from cpu import cpu_per_request
 
-        cpu = cpu_per_request(server.url, rounds=4 if args.quick else 15)
-        from jobs import jobs_through_the_local_stack
+            cpu = cpu_per_request(server.url, rounds=4 if args.quick else 15)
+            from jobs import jobs_through_the_local_stack
 
-        with on_cores(None if cores is None else cores.client | cores.upstream):
-            # the local stack with its AWS stand-ins, as `make run` starts it: the whole machine
-            jobs = jobs_through_the_local_stack(server.url, quick=args.quick)
-    with tls_upstream() as server:
-        rows += tls_cold_and_warm(loop, server, [100, 1000])
-    loop.close()
+            with on_cores(whole_machine):
+                # the local stack with its AWS stand-ins, as `make run` starts it: the whole machine
+                jobs = jobs_through_the_local_stack(server.url, quick=args.quick)
+        with tls_upstream() as server:
+            rows += tls_cold_and_warm(loop, server, [100, 1000])
+        loop.close()
+        from memory import memory_per_request
+
+        memory = memory_per_request()
+    # Cold start (an import, no upstream): the whole machine, as before the split.
     from coldstart import cold_start
-    from memory import memory_per_request
     from report import write_report
 
-    write_report(
-        rows, service_rows, guard, memory_per_request(), cold_start(), _machine(cores), RESULTS, polite, jobs, cpu
-    )
+    write_report(rows, service_rows, guard, memory, cold_start(), _machine(cores), RESULTS, polite, jobs, cpu)
 
 
 def _machine(cores: Cores | None) -> dict[str, Any]:
