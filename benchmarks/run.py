@@ -293,9 +293,7 @@ def _machine(cores: Cores | None) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "cores": "upstreams on a core of their own"
-        if cores is not None
-        else "upstreams and client on the same core (one CPU)",
+        "cores": "on a core of its own" if cores is not None else "on the client's cores (one CPU, or not Linux)",
         "platform": platform.platform(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "argv": " ".join(sys.argv[1:]),
