@@ -358,6 +358,8 @@ def test_a_large_call_publishes_a_sample_of_its_latencies_and_every_count(cold_s
     assert out.metric("UpstreamRequests", function="gather", target="default") == [250.0]
     latencies = out.metric("UpstreamLatency", function="gather", target="default")
     assert len(latencies) == 100 and latencies == sorted(latencies)
+    (line,) = [blob for blob in out.blobs if "UpstreamLatency" in blob]  # the sample in one EMF line
+    assert line["_aws"]["CloudWatchMetrics"][0]["Metrics"] == [{"Name": "UpstreamLatency", "Unit": "Milliseconds"}]
 
 
 def test_latency_sample_keeps_every_value_up_to_the_size_then_order_statistics() -> None:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.logging import correlation_paths
-from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
+from aws_lambda_powertools.metrics import EphemeralMetrics, MetricResolution, MetricUnit
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -41,8 +41,7 @@ DEFAULT_NAMESPACE = "fanout"
 
 _tracer = trace.get_tracer("fanout")
 R = TypeVar("R")
-LATENCY_SAMPLE_SIZE = 100  # UpstreamLatency values per target per call
-LATENCY_VALUES_PER_LINE = 20
+LATENCY_SAMPLE_SIZE = 100  # UpstreamLatency values per target per call: EMF takes up to 100 values a metric
 
 
 class UpstreamRecord(NamedTuple):
@@ -216,13 +215,11 @@ class Telemetry:
                 sent.add_metric("ConcurrencyLimit", MetricUnit.Count, polite.limit)
                 sent.add_metric("CircuitOpen", MetricUnit.Count, 0 if polite.circuit == "closed" else 1)
             _flush(sent)
-            # In lines of a few values: Powertools' add_metric formats the metric's whole value
-            # list into a debug message each time, so one line of 100 values costs 5x more.
-            sample = latency_sample(counted.latencies_ms)
-            for start in range(0, len(sample), LATENCY_VALUES_PER_LINE):
+            if counted.latencies_ms:
                 timed = self._metrics(function=call.function, target=target)
-                for latency in sample[start : start + LATENCY_VALUES_PER_LINE]:
-                    timed.add_metric("UpstreamLatency", MetricUnit.Milliseconds, latency)
+                timed.metric_set["UpstreamLatency"] = _values(
+                    MetricUnit.Milliseconds, latency_sample(counted.latencies_ms)
+                )
                 _flush(timed)
             for error_type, count in sorted(counted.failures.items()):
                 failed = self._metrics(function=call.function, target=target, error_type=error_type)
@@ -280,6 +277,20 @@ async def timed_attempt(attempt: Callable[[], Awaitable[R]], latencies_ms: list[
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _values(unit: MetricUnit, values: list[float]) -> dict[str, Any]:
+    """A metric of many values, as Powertools' `add_metric` builds it one value at a time.
+
+    `add_metric` formats the metric's whole value list into a debug message on every call:
+    100 values cost about 0.8 ms, on every call of 100 requests or more, before the caller has
+    its answer. Set whole, they cost 0.07 ms, and Powertools still serializes and prints the line.
+    """
+    return {
+        "Unit": unit.value,
+        "StorageResolution": MetricResolution.Standard.value,
+        "Value": [float(value) for value in values],
+    }
 
 
 def _flush(metrics: EphemeralMetrics) -> None:
