@@ -275,6 +275,51 @@ def cpu_table(cpu: dict[str, Any]) -> list[str]:
     ]
 
 
+def chain_target(chain: dict[str, Any] | None, service: list[dict[str, Any]]) -> str:
+    """The handler's delay chain: from the interleaved rounds, with raw aiohttp's in the same rounds beside it
+    (a run from before them: the median of the handler's calls in the service table)."""
+    what = (
+        "semaphore N=1000 L=50 k=100 through the real handler (uvloop), as the caller waits: within 5% of"
+        " the delay chain"
+    )
+    if chain is None:
+        row = next(r for r in service if (r["path"], r["n"], r["latency_ms"]) == ("Mangum handler", 1000, 50))
+        efficiency = math.ceil(row["n"] / row["k"]) * row["latency_ms"] / row["wall_ms"]
+        return target_row(what, f"{efficiency:.3f} ({row['wall_ms']:.1f} ms)", efficiency >= 0.95)
+    handler, floor = chain["handler"], chain["aiohttp"]
+    return target_row(
+        f"{what} ({chain['rounds']} interleaved rounds)",
+        f"{handler['efficiency']:.3f} ({handler['wall_ms']:.1f} ms); raw aiohttp {floor['efficiency']:.3f} in the same"
+        f" rounds, the handler {handler['ratio_median']:.3f}x its time",
+        handler["efficiency"] >= 0.95,
+    )
+
+
+def chain_table(chain: dict[str, Any]) -> list[str]:
+    names = [name for name in chain if isinstance(chain[name], dict) and "ratio_median" in chain[name]]
+    limit_ms = math.ceil(chain["n"] / chain["k"]) * chain["latency_ms"]
+    return [
+        f"## The delay chain (semaphore, N={chain['n']}, k={chain['k']}, {chain['latency_ms']} ms upstream,"
+        f" {chain['rounds']} rounds)",
+        "",
+        f"{chain['n'] // chain['k']} rounds of {chain['k']} requests, each waiting on the one before: at best"
+        f" {limit_ms} ms. One warm process per configuration; each round runs them in a shuffled order; the ratio"
+        " is to raw aiohttp's wall time in the same round.",
+        "",
+        "| configuration | wall ms: median (IQR) | efficiency | x raw aiohttp: median (IQR) |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {chain[name]['wall_ms']:.1f} ({chain[name]['wall_iqr_ms'][0]:.1f}-"
+            f"{chain[name]['wall_iqr_ms'][1]:.1f}) | {chain[name]['efficiency']:.3f} | "
+            f"{chain[name]['ratio_median']:.3f} ({chain[name]['ratio_iqr'][0]:.3f}-{chain[name]['ratio_iqr'][1]:.3f}) |"
+            for name in names
+        ],
+        "",
+        f"Failed requests: {sum(chain['failed'].values())}.",
+        "",
+    ]
+
+
 def write_report(
     rows: list[Any],
     service: list[dict[str, Any]],
@@ -286,6 +331,7 @@ def write_report(
     polite: dict[str, Any] | None = None,
     jobs: list[dict[str, Any]] | None = None,
     cpu: dict[str, Any] | None = None,
+    chain: dict[str, Any] | None = None,
 ) -> None:
     from run import rows_to_json
 
@@ -293,8 +339,6 @@ def write_report(
     shipped_cold = {name: v for name, v in cold["import_ms"].items() if name.endswith("(sam build)")}
     cold_ms = max(v["median"] for v in shipped_cold.values())
     handler_overhead = max(r["overhead_ms"] for r in service if r["path"] == "Mangum handler")
-    chain = next(r for r in service if (r["path"], r["n"], r["latency_ms"]) == ("Mangum handler", 1000, 50))
-    chain_efficiency = math.ceil(chain["n"] / chain["k"]) * chain["latency_ms"] / chain["wall_ms"]
     lines = [
         "# Benchmark results",
         "",
@@ -313,12 +357,7 @@ def write_report(
         target_row(
             "Mangum handler overhead per call < 5 ms", f"{handler_overhead:.2f} ms at most", handler_overhead < 5
         ),
-        target_row(
-            "semaphore N=1000 L=50 k=100 through the real handler (uvloop), as the caller waits: within 5% of"
-            " the delay chain",
-            f"{chain_efficiency:.3f} ({chain['wall_ms']:.1f} ms)",
-            chain_efficiency >= 0.95,
-        ),
+        chain_target(chain, service),
         target_row("cold start from built artifacts < 500 ms", f"{cold_ms:.0f} ms at most", cold_ms < 500),
         target_row(
             f"cold start within 1.1x of a FastAPI + Mangum hello-world (paired, {cold['rounds']} rounds)",
@@ -343,6 +382,7 @@ def write_report(
         *(cpu_targets(cpu, memory) if cpu else []),
         "",
         *(cpu_table(cpu) if cpu else []),
+        *(chain_table(chain) if chain else []),
         f"## Cold start (`import app` from the built artifacts, {cold['rounds']} interleaved rounds)",
         "",
         "| build | import ms: median (min-max) | x hello-world: paired median (IQR) |",
@@ -406,6 +446,7 @@ def write_report(
                 "politeness": polite,
                 "jobs": jobs,
                 "cpu": cpu,
+                "chain": chain,
             },
             indent=1,
             default=str,
@@ -433,6 +474,7 @@ def rerender(results_json: Path) -> None:
         data.get("politeness"),
         data.get("jobs"),
         data.get("cpu"),
+        data.get("chain"),
     )
 
 

@@ -268,9 +268,10 @@ def main() -> None:
             from politeness import healthy_cost, politeness_table
 
             polite = {"table": politeness_table(server.url, quick=args.quick), "healthy": healthy_cost(server.url)}
-            from cpu import cpu_per_request
+            from clients import cpu_per_request, delay_chain
 
             cpu = cpu_per_request(server.url, rounds=4 if args.quick else 15)
+            chain = delay_chain(server.url, rounds=4 if args.quick else 15)
             from jobs import jobs_through_the_local_stack
 
             with on_cores(whole_machine):
@@ -286,7 +287,7 @@ def main() -> None:
     from coldstart import cold_start
     from report import write_report
 
-    write_report(rows, service_rows, guard, memory, cold_start(), _machine(cores), RESULTS, polite, jobs, cpu)
+    write_report(rows, service_rows, guard, memory, cold_start(), _machine(cores), RESULTS, polite, jobs, cpu, chain)
 
 
 def _machine(cores: Cores | None) -> dict[str, Any]:

@@ -1,15 +1,20 @@
-"""Client CPU per request: the real handler against raw aiohttp and raw pyreqwest, as paired ratios.
+"""The real handler against raw clients: one warm process each, interleaved rounds, paired ratios.
 
-One warm process per configuration, all alive at once; each round runs every
-configuration once in a shuffled order, and each configuration's CPU in a round is
+One process per configuration, all alive at once; each round runs every
+configuration once in a shuffled order, and a configuration's figure in a round is
 divided by raw aiohttp's in the same round, so drift on this shared machine hits
 both sides of a ratio alike. Reported: the median and the interquartile range of
-those ratios, and the median microseconds per request. Semaphore, N=2000, k=100,
-a 0 ms upstream in its own process (its CPU is not counted).
+those ratios, and the medians themselves. Two measurements, semaphore, k=100,
+against an upstream in its own process (its CPU is not counted):
+- client CPU per request: N=2000, a 0 ms upstream;
+- the delay chain: N=1000, a 50 ms upstream, so ten rounds of 100 requests, each
+  round waiting on the one before; the wall time as the caller waits, against
+  ceil(N/k) x 50 ms.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import subprocess
@@ -19,7 +24,9 @@ from pathlib import Path
 from paired import paired_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
-N, K, ROUNDS = 2000, 100, 15
+K, ROUNDS = 100, 15
+CPU_N = 2000
+CHAIN_N, CHAIN_LATENCY_MS = 1000, 50
 #: "handler" is the function as shipped (pyreqwest on uvloop: fanout.transports, fanout.lambda_loop);
 #: "handler+aiohttp" the same on the aiohttp transport, "handler+asyncio" on asyncio's own loop. The raw
 #: clients have no engine and no guard: a semaphore of k over a gather of n.
@@ -33,6 +40,8 @@ CONFIGURATIONS = [
     "handler+aiohttp",
     "handler+asyncio",
 ]
+#: The delay chain: the shipped handler, its other transport, and the raw clients it is measured against.
+CHAIN_CONFIGURATIONS = ["aiohttp", "aiohttp+uvloop", "pyreqwest+uvloop", "handler", "handler+aiohttp"]
 
 #: A configuration's process: warm up, then one round per line on stdin; answers on lines that begin
 #: with "@@" (the handler's own log and metric lines share stdout, as on Lambda).
@@ -128,9 +137,9 @@ else:
 one_round()
 print("@@ ready", flush=True)
 for _ in sys.stdin:
-    cpu0 = time.process_time()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     failed = one_round()
-    print("@@", time.process_time() - cpu0, failed, flush=True)
+    print("@@", time.process_time() - cpu0, time.perf_counter() - wall0, failed, flush=True)
 if not name.startswith("handler"):
     loop.run_until_complete(client.aclose() if name.startswith("aiosonic") else client.close())
 """
@@ -144,46 +153,73 @@ def _answer(process: subprocess.Popen[str]) -> list[str]:
     raise RuntimeError(f"a configuration's process ended (exit {process.wait()})")
 
 
-def cpu_per_request(upstream_url: str, *, rounds: int = ROUNDS) -> dict[str, object]:
-    url = f"{upstream_url}/delay?ms=0"
+def _interleaved(
+    url: str, n: int, configurations: list[str], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
+    """CPU seconds and wall seconds per round of each configuration, and its failed requests in all."""
     processes = {
         name: subprocess.Popen(
-            [sys.executable, "-c", WORKER, name, url, str(N), str(K), str(ROOT)],
+            [sys.executable, "-c", WORKER, name, url, str(n), str(K), str(ROOT)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
-        for name in CONFIGURATIONS
+        for name in configurations
     }
-    cpu: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
-    failed = dict.fromkeys(CONFIGURATIONS, 0)
+    cpu: dict[str, list[float]] = {name: [] for name in configurations}
+    wall: dict[str, list[float]] = {name: [] for name in configurations}
+    failed = dict.fromkeys(configurations, 0)
     try:
         for process in processes.values():
             assert _answer(process) == ["ready"]
         for _ in range(rounds):
-            order = random.sample(CONFIGURATIONS, len(CONFIGURATIONS))
-            for name in order:
+            for name in random.sample(configurations, len(configurations)):
                 process = processes[name]
-                assert process.stdin is not None and process.stdout is not None
+                assert process.stdin is not None
                 process.stdin.write("go\n")
                 process.stdin.flush()
-                seconds, failures = _answer(process)
-                cpu[name].append(float(seconds))
+                cpu_s, wall_s, failures = _answer(process)
+                cpu[name].append(float(cpu_s))
+                wall[name].append(float(wall_s))
                 failed[name] += int(failures)
     finally:
         for process in processes.values():
             if process.stdin is not None:
                 process.stdin.close()
             process.wait(timeout=30)
-    out: dict[str, object] = {"n": N, "k": K, "rounds": rounds, "failed": failed}
+    return cpu, wall, failed
+
+
+def cpu_per_request(upstream_url: str, *, rounds: int = ROUNDS) -> dict[str, object]:
+    cpu, _, failed = _interleaved(f"{upstream_url}/delay?ms=0", CPU_N, CONFIGURATIONS, rounds)
+    out: dict[str, object] = {"n": CPU_N, "k": K, "rounds": rounds, "failed": failed}
     for name in CONFIGURATIONS:
         ratio, first, third = paired_ratio(cpu[name], cpu["aiohttp"])
         out[name] = {
-            "us_per_request": statistics.median(cpu[name]) / N * 1e6,
+            "us_per_request": statistics.median(cpu[name]) / CPU_N * 1e6,
             "ratio_median": ratio,
             "ratio_iqr": [first, third],
         }
-        print(f"cpu {name:<16} {statistics.median(cpu[name]) / N * 1e6:6.0f} us/req  {ratio:.2f}x")
+        print(f"cpu {name:<16} {statistics.median(cpu[name]) / CPU_N * 1e6:6.0f} us/req  {ratio:.2f}x")
+    return out
+
+
+def delay_chain(upstream_url: str, *, rounds: int = ROUNDS) -> dict[str, object]:
+    url = f"{upstream_url}/delay?ms={CHAIN_LATENCY_MS}"
+    _, wall, failed = _interleaved(url, CHAIN_N, CHAIN_CONFIGURATIONS, rounds)
+    limit_s = math.ceil(CHAIN_N / K) * CHAIN_LATENCY_MS / 1000
+    out: dict[str, object] = {"n": CHAIN_N, "k": K, "latency_ms": CHAIN_LATENCY_MS, "rounds": rounds, "failed": failed}
+    for name in CHAIN_CONFIGURATIONS:
+        ratio, first, third = paired_ratio(wall[name], wall["aiohttp"])
+        median_s = statistics.median(wall[name])
+        out[name] = {
+            "wall_ms": median_s * 1000,
+            "wall_iqr_ms": [q * 1000 for q in statistics.quantiles(wall[name], n=4)[::2]],
+            "efficiency": limit_s / median_s,
+            "ratio_median": ratio,
+            "ratio_iqr": [first, third],
+        }
+        print(f"chain {name:<16} {median_s * 1000:6.1f} ms  efficiency {limit_s / median_s:.3f}  {ratio:.3f}x")
     return out
 
 
@@ -192,3 +228,4 @@ if __name__ == "__main__":
 
     with http1_upstream() as server:
         print(cpu_per_request(server.url, rounds=4))
+        print(delay_chain(server.url, rounds=4))
