@@ -288,6 +288,26 @@ def test_a_seed_call_reports_every_request_to_the_default_target(
     assert len(out.metric("UpstreamLatency", function=function, target="default")) == 6
 
 
+def test_a_seed_call_counts_each_request_once_whether_it_succeeded_or_failed(
+    cold_start: Any, output: Any, upstream: LocalUpstream
+) -> None:
+    # Successes are counted as they land, failures after the engine names them: each once.
+    handler = cold_start(FANOUT_TARGET_URL=f"{upstream.url}/flaky?key=seed-mix&fail=3&status=503")
+    response = handler(seed_event("async-http-api-v2.json", 8, "/async/8"), lambda_context())
+    assert response["statusCode"] == 200
+    assert sorted(json.loads(response["body"])["status_codes"]) == [200] * 5 + [503] * 3
+    out = output()
+
+    summary = out.summary()
+    assert (summary["n"], summary["succeeded"], summary["failed"], summary["upstream_requests"]) == (8, 5, 3, 8)
+    refs = [int(line["request"]) for line in out.failures()]
+    assert len(refs) == 3 and refs == sorted(refs)  # in the call's order, not the order they ended in
+    assert {line["error_type"] for line in out.failures()} == {"HTTP5xx"}
+    assert out.metric("UpstreamRequests", function="gather", target="default") == [8.0]
+    assert out.metric("UpstreamFailures", function="gather", target="default", error_type="HTTP5xx") == [3.0]
+    assert len(out.metric("UpstreamLatency", function="gather", target="default")) == 8
+
+
 def test_the_deadline_shows_as_a_failure_and_skips(cold_start: Any, output: Any, upstream: LocalUpstream) -> None:
     handler = cold_start(
         FANOUT_TARGET_URL=f"{upstream.url}/hang", FANOUT_DEADLINE_S="0.5", FANOUT_REQUEST_TIMEOUT_S="0.5"

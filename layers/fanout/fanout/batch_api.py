@@ -24,7 +24,7 @@ from fanout.batch import BatchItem, BatchRun
 from fanout.batch_response import fits, render
 from fanout.budget import call_budget_s
 from fanout.engine import Strategy
-from fanout.observability import CallReport, Telemetry, call_span
+from fanout.observability import CallReport, CallTally, Telemetry, call_span
 from fanout.settings import ENV_PREFIX, Settings
 from fanout.strict_json import BodyError, encode_json, parse_body
 from fanout.targets import TargetScope, check_path, target_url
@@ -214,7 +214,7 @@ def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telem
                 concurrency=result.concurrency,
                 elapsed_s=result.elapsed_s,
                 deadline_s=budget,
-                requests=result.records(items),
+                tally=CallTally(result.records(items)),
                 rate_limit_waits=result.rate_limit_waits,
                 rate_limit_wait_s=result.rate_limit_wait_s,
                 targets=result.targets,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
@@ -76,29 +76,30 @@ class CallReport(NamedTuple):
     concurrency: int
     elapsed_s: float
     deadline_s: float
-    requests: list[UpstreamRecord]
+    tally: CallTally  # every request of the call, counted
     rate_limit_waits: int | None = None  # None: no rate limit configured
     rate_limit_wait_s: float = 0.0
     targets: Mapping[str, TargetReport] = NO_TARGETS  # what politeness did to each target
 
-    def throttled_shares(self, tally: CallTally) -> dict[str, float]:
+    def throttled_shares(self) -> dict[str, float]:
         """Per target, the percentage of this call's requests to it answered 429 or 503."""
         shares = {}
         for name, report in self.targets.items():
-            counted = tally.targets.get(name)
+            counted = self.tally.targets.get(name)
             sent = counted.attempts if counted is not None else 0
             shares[name] = 100 * report.throttled / sent if sent else 0.0
         return shares
 
-    def summary(self, tally: CallTally) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        tally = self.tally
         failed = len(tally.failed)
         skipped = tally.skipped
         summary: dict[str, Any] = {
             "function": self.function,
             "strategy": self.strategy,
-            "n": len(self.requests),
+            "n": tally.count,
             "concurrency": self.concurrency,
-            "succeeded": len(self.requests) - failed - skipped,
+            "succeeded": tally.count - failed - skipped,
             "failed": failed,
             "skipped": skipped,
             "upstream_requests": sum(target.attempts for target in tally.targets.values()),
@@ -127,29 +128,38 @@ class TargetTally:
 
 
 class CallTally:
-    """A call's requests counted in one pass (a call has up to 10,000 of them, and the summary,
-    the log lines and the metrics each need a count): by target, the failed ones, the skipped."""
+    """A call's requests, counted once for the summary, the log lines and the metrics: by target,
+    the failed ones, the skipped.
 
-    __slots__ = ("failed", "skipped", "targets")
+    A route can count each request as it ends, while the others are still on the wire: a call
+    has up to 10,000, and counting them all after the last answer is work the caller waits for.
+    """
 
-    def __init__(self, requests: list[UpstreamRecord]) -> None:
+    __slots__ = ("count", "failed", "skipped", "targets")
+
+    def __init__(self, requests: Iterable[UpstreamRecord] = ()) -> None:
+        self.count = 0
         self.targets: dict[str, TargetTally] = {}  # in the order of each target's first request
         self.failed: list[tuple[UpstreamRecord, str]] = []  # with its error type
         self.skipped = 0
         for record in requests:
-            target = self.targets.get(record.target)
-            if target is None:
-                target = self.targets[record.target] = TargetTally()
-            target.attempts += record.attempts
-            if record.attempts > 1:
-                target.retries += record.attempts - 1
-            target.latencies_ms.extend(record.latencies_ms)
-            error_type = record.error_type
-            if error_type is not None:
-                target.failures[error_type] += 1
-                self.failed.append((record, error_type))
-            elif record.skipped:
-                self.skipped += 1
+            self.add(record)
+
+    def add(self, record: UpstreamRecord) -> None:
+        self.count += 1
+        target = self.targets.get(record.target)
+        if target is None:
+            target = self.targets[record.target] = TargetTally()
+        target.attempts += record.attempts
+        if record.attempts > 1:
+            target.retries += record.attempts - 1
+        target.latencies_ms.extend(record.latencies_ms)
+        error_type = record.error_type
+        if error_type is not None:
+            target.failures[error_type] += 1
+            self.failed.append((record, error_type))
+        elif record.skipped:
+            self.skipped += 1
 
 
 class Telemetry:
@@ -171,9 +181,8 @@ class Telemetry:
         )
 
     def report(self, call: CallReport) -> None:
-        tally = CallTally(call.requests)
-        summary = call.summary(tally)
-        for record, error_type in tally.failed:
+        summary = call.summary()
+        for record, error_type in call.tally.failed:
             self.logger.warning(
                 "upstream request failed",
                 extra={
@@ -189,9 +198,9 @@ class Telemetry:
                 },
             )
         self.logger.info("fanout call", extra=summary)
-        self._emit_metrics(call, summary, tally)
+        self._emit_metrics(call, summary)
 
-    def _emit_metrics(self, call: CallReport, summary: dict[str, Any], tally: CallTally) -> None:
+    def _emit_metrics(self, call: CallReport, summary: dict[str, Any]) -> None:
         calls = self._metrics(function=call.function)
         calls.add_metric("Calls", MetricUnit.Count, 1)
         calls.add_metric("CallDuration", MetricUnit.Milliseconds, summary["elapsed_ms"])
@@ -199,12 +208,12 @@ class Telemetry:
         if call.rate_limit_waits is not None:
             calls.add_metric("RateLimitWaits", MetricUnit.Count, call.rate_limit_waits)
             calls.add_metric("RateLimitWaitTime", MetricUnit.Milliseconds, summary["rate_limit_wait_ms"])
-        shares = call.throttled_shares(tally)
+        shares = call.throttled_shares()
         if shares:  # the alarm's metric: one per function, whichever targets a call reached
             calls.add_metric("MaxTargetThrottledShare", MetricUnit.Percent, round(max(shares.values()), 1))
         _flush(calls)
 
-        for target, counted in tally.targets.items():
+        for target, counted in call.tally.targets.items():
             sent = self._metrics(function=call.function, target=target)
             sent.add_metric("UpstreamRequests", MetricUnit.Count, counted.attempts)
             sent.add_metric("Retries", MetricUnit.Count, counted.retries)
