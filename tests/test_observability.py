@@ -379,7 +379,8 @@ def test_a_large_call_publishes_a_sample_of_its_latencies_and_every_count(cold_s
     latencies = out.metric("UpstreamLatency", function="gather", target="default")
     assert len(latencies) == 100 and latencies == sorted(latencies)
     (line,) = [blob for blob in out.blobs if "UpstreamLatency" in blob]  # the sample in one EMF line
-    assert line["_aws"]["CloudWatchMetrics"][0]["Metrics"] == [{"Name": "UpstreamLatency", "Unit": "Milliseconds"}]
+    assert line["_aws"]["CloudWatchMetrics"][0]["Metrics"][-1] == {"Name": "UpstreamLatency", "Unit": "Milliseconds"}
+    assert line["UpstreamRequests"] == [250.0]  # beside the counts of the same target
 
 
 def test_latency_sample_keeps_every_value_up_to_the_size_then_order_statistics() -> None:

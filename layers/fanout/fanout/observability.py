@@ -223,13 +223,11 @@ class Telemetry:
                 sent.add_metric("TargetPauses", MetricUnit.Count, polite.pauses)
                 sent.add_metric("ConcurrencyLimit", MetricUnit.Count, polite.limit)
                 sent.add_metric("CircuitOpen", MetricUnit.Count, 0 if polite.circuit == "closed" else 1)
-            _flush(sent)
-            if counted.latencies_ms:
-                timed = self._metrics(function=call.function, target=target)
-                timed.metric_set["UpstreamLatency"] = _values(
+            if counted.latencies_ms:  # on the same line: one line fewer to write before the caller has its answer
+                sent.metric_set["UpstreamLatency"] = _values(
                     MetricUnit.Milliseconds, latency_sample(counted.latencies_ms)
                 )
-                _flush(timed)
+            _flush(sent)
             for error_type, count in sorted(counted.failures.items()):
                 failed = self._metrics(function=call.function, target=target, error_type=error_type)
                 failed.add_metric("UpstreamFailures", MetricUnit.Count, count)
