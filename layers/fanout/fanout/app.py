@@ -11,7 +11,7 @@ import math
 import reprlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -105,7 +105,7 @@ def _add_seed_routes(
 
     async def run(function: str, strategy: Strategy, n: int, concurrency: int, request: Request) -> dict[str, Any]:
         budget = call_budget_s(None, settings.deadline_s, request.scope.get("aws.context"))
-        latencies: list[list[float]] = [[] for _ in range(n)]
+        latencies: dict[int, list[float]] = {}  # by index, from its start: not n empty lists before the first
 
         seed = politeness.limiter(SEED_TARGET)
         since = politeness.counters()
@@ -117,6 +117,7 @@ def _add_seed_routes(
             traced = span.is_recording()  # else no attempt of the call records a span either: checked once
 
             async def send(index: int) -> int:
+                latencies_ms = latencies[index] = []
                 async with seed.attempt(deadline) as sent:
                     sent.sending()
                     if traced:
@@ -126,21 +127,22 @@ def _add_seed_routes(
                             method="GET",
                             path=target_path,
                             status_of=_status_of,
-                            latencies_ms=latencies[index],
+                            latencies_ms=latencies_ms,
                         )
                     else:
-                        answer = await timed_attempt(get_status, latencies[index])
+                        answer = await timed_attempt(get_status, latencies_ms)
                     status, retry_after = answer
                     sent.answered(status, None if retry_after is None else retry_after_seconds(retry_after))
                 if status < 400:  # counted now, while others are on the wire; the rest once the engine has named them
-                    tally.add(_record(index, target_path, latencies[index], status))
+                    tally.add(_record(index, target_path, latencies_ms, status))
                 return status
 
             result = await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=budget)
         for index, outcome in enumerate(result.outcomes):
             if outcome.value is None or outcome.value >= 400:  # in their order, for the failures' log lines
                 skipped = outcome.skipped is not None
-                tally.add(_record(index, target_path, latencies[index], outcome.value, outcome.error, skipped))
+                tried = latencies.get(index, ())
+                tally.add(_record(index, target_path, tried, outcome.value, outcome.error, skipped))
         telemetry.report(
             CallReport(
                 function=function,
@@ -195,7 +197,7 @@ def _add_to_openapi_components(app: FastAPI, schemas: Callable[[], dict[str, Any
 def _record(
     index: int,
     path: str,
-    latencies_ms: list[float],
+    latencies_ms: Sequence[float],
     status: int | None,
     error: str | None = None,
     skipped: bool = False,
