@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from conftest import lambda_context, load_event, post_batch
-from fanout.observability import DEFAULT_SERVICE, latency_sample
+from fanout.observability import DEFAULT_SERVICE, CallTally, UpstreamRecord, latency_sample
 from fanout_local.upstream import LocalUpstream
 
 NAMESPACE = "fanout-test"
@@ -381,6 +381,17 @@ def test_a_large_call_publishes_a_sample_of_its_latencies_and_every_count(cold_s
     (line,) = [blob for blob in out.blobs if "UpstreamLatency" in blob]  # the sample in one EMF line
     assert line["_aws"]["CloudWatchMetrics"][0]["Metrics"][-1] == {"Name": "UpstreamLatency", "Unit": "Milliseconds"}
     assert line["UpstreamRequests"] == [250.0]  # beside the counts of the same target
+
+
+def test_counting_an_answered_request_without_its_record_counts_what_its_record_would() -> None:
+    by_record, by_answer = CallTally(), CallTally()
+    for latency in (12.5, 7.25):
+        by_record.add(UpstreamRecord("0", "default", "GET", "/", 1, (latency,), 200))
+        by_answer.add_answered("default", latency)
+    for tally in (by_record, by_answer):
+        (counted,) = tally.targets.values()
+        assert (tally.count, tally.failed, tally.skipped) == (2, [], 0)
+        assert (counted.attempts, counted.retries, counted.latencies_ms, counted.failures) == (2, 0, [12.5, 7.25], {})
 
 
 def test_latency_sample_keeps_every_value_up_to_the_size_then_order_statistics() -> None:

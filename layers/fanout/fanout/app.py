@@ -134,7 +134,7 @@ def _add_seed_routes(
                     status, retry_after = answer
                     sent.answered(status, None if retry_after is None else retry_after_seconds(retry_after))
                 if status < 400:  # counted now, while others are on the wire; the rest once the engine has named them
-                    tally.add(_record(index, target_path, latencies_ms, status))
+                    tally.add_answered(SEED_TARGET, latencies_ms[0])
                 return status
 
             result = await fan_out(send, n=n, strategy=strategy, concurrency=concurrency, deadline_s=budget)
