@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from conftest import lambda_context, load_event, post_batch
-from fanout.observability import DEFAULT_SERVICE, CallTally, UpstreamRecord, latency_sample
+from fanout.observability import DEFAULT_SERVICE, CallReport, CallTally, Telemetry, UpstreamRecord, latency_sample
 from fanout_local.upstream import LocalUpstream
 
 NAMESPACE = "fanout-test"
@@ -308,6 +308,25 @@ def test_a_seed_call_counts_each_request_once_whether_it_succeeded_or_failed(
     assert len(out.metric("UpstreamLatency", function="gather", target="default")) == 8
 
 
+def test_a_call_after_failures_publishes_its_metrics_with_only_its_own_dimensions(
+    cold_start: Any, output: Any, upstream: LocalUpstream
+) -> None:
+    # One EMF line object per container, emptied for each line: nothing of a failure's line stays.
+    handler = cold_start(FANOUT_TARGET_URL=f"{upstream.url}/flaky?key=seed-then-clean&fail=2&status=503")
+    assert handler(seed_event("sync-http-api-v2.json", 2, "/sync/2"), lambda_context())["statusCode"] == 200
+    assert output().metric("UpstreamFailures", function="sync", target="default", error_type="HTTP5xx") == [2.0]
+
+    assert handler(seed_event("sync-http-api-v2.json", 3, "/sync/3"), lambda_context())["statusCode"] == 200
+    out = output()
+    assert [sorted(blob["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0]) for blob in out.blobs] == [
+        ["function", "service"],
+        ["function", "service", "target"],
+    ]
+    assert out.metric("Calls", function="sync") == [1.0]
+    assert out.metric("UpstreamRequests", function="sync", target="default") == [3.0]
+    assert len(out.metric("UpstreamLatency", function="sync", target="default")) == 3
+
+
 def test_the_deadline_shows_as_a_failure_and_skips(cold_start: Any, output: Any, upstream: LocalUpstream) -> None:
     handler = cold_start(
         FANOUT_TARGET_URL=f"{upstream.url}/hang", FANOUT_DEADLINE_S="0.5", FANOUT_REQUEST_TIMEOUT_S="0.5"
@@ -392,6 +411,20 @@ def test_counting_an_answered_request_without_its_record_counts_what_its_record_
         (counted,) = tally.targets.values()
         assert (tally.count, tally.failed, tally.skipped) == (2, [], 0)
         assert (counted.attempts, counted.retries, counted.latencies_ms, counted.failures) == (2, 0, [12.5, 7.25], {})
+
+
+def test_with_metrics_disabled_no_values_pile_up_from_call_to_call(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")  # Powertools then flushes without clearing
+    telemetry = Telemetry(service=DEFAULT_SERVICE, namespace=NAMESPACE)
+    tally = CallTally()
+    tally.add_answered("default", 5.0)
+    call = CallReport("gather", "gather", 1, 0.005, 30.0, tally)
+    for _ in range(3):
+        telemetry.report(call)
+    assert "_aws" not in capsys.readouterr().out
+    assert telemetry._emf.metric_set["UpstreamRequests"]["Value"] == [1.0]  # the last line's, not three calls'
 
 
 def test_latency_sample_keeps_every_value_up_to_the_size_then_order_statistics() -> None:
