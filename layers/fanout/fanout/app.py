@@ -117,7 +117,8 @@ def _add_seed_routes(
             traced = span.is_recording()  # else no attempt of the call records a span either: checked once
 
             async def send(index: int) -> int:
-                latencies_ms = latencies[index] = []
+                latencies_ms: list[float] = []
+                latencies[index] = latencies_ms
                 async with seed.attempt(deadline) as sent:
                     sent.sending()
                     if traced:

@@ -149,17 +149,13 @@ class CallTally:
         """A request answered below 400 at its first attempt: what `add` counts of its record, without
         building the record (this runs for almost every request)."""
         self.count += 1
-        counted = self.targets.get(target)
-        if counted is None:
-            counted = self.targets[target] = TargetTally()
+        counted = self._target(target)
         counted.attempts += 1
         counted.latencies_ms.append(latency_ms)
 
     def add(self, record: UpstreamRecord) -> None:
         self.count += 1
-        target = self.targets.get(record.target)
-        if target is None:
-            target = self.targets[record.target] = TargetTally()
+        target = self._target(record.target)
         target.attempts += record.attempts
         if record.attempts > 1:
             target.retries += record.attempts - 1
@@ -170,6 +166,12 @@ class CallTally:
             self.failed.append((record, error_type))
         elif record.skipped:
             self.skipped += 1
+
+    def _target(self, name: str) -> TargetTally:
+        counted = self.targets.get(name)
+        if counted is None:
+            counted = self.targets[name] = TargetTally()
+        return counted
 
 
 class Telemetry:
