@@ -200,8 +200,8 @@ def _record(
     path: str,
     latencies_ms: Sequence[float],
     status: int | None,
-    error: str | None = None,
-    skipped: bool = False,
+    error: str | None,
+    skipped: bool,
 ) -> UpstreamRecord:
     # Positional, in the fields' order (ref, target, method, path, attempts, latencies_ms, status,
     # error, internal, skipped): a call builds up to 10,000 of these, and keywords cost a third more.
