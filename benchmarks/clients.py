@@ -14,11 +14,13 @@ against an upstream in its own process (its CPU is not counted):
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from paired import paired_ratio
@@ -220,12 +222,19 @@ def delay_chain(upstream_url: str, *, rounds: int = ROUNDS) -> dict[str, object]
             "ratio_iqr": [first, third],
         }
         print(f"chain {name:<16} {median_s * 1000:6.1f} ms  efficiency {limit_s / median_s:.3f}  {ratio:.3f}x")
+    # how late the upstream answered, past the 50 ms asked: what the floor above leaves out
+    with urllib.request.urlopen(f"{upstream_url}/stats", timeout=10) as answer:
+        out["upstream_late_us"] = json.load(answer)["delay_late_us"]
+    print(f"chain upstream late by {out['upstream_late_us']} us")
     return out
 
 
 if __name__ == "__main__":
-    from servers import http1_upstream
+    from servers import http1_upstream, on_cores, split_cores
 
-    with http1_upstream() as server:
-        print(cpu_per_request(server.url, rounds=4))
-        print(delay_chain(server.url, rounds=4))
+    cores = split_cores()
+    with on_cores(None if cores is None else cores.client):  # as run.py: the upstreams on a core of their own
+        with http1_upstream() as server:
+            print(cpu_per_request(server.url, rounds=4))
+        with http1_upstream(exact_delays=True) as server:
+            print(delay_chain(server.url, rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 4))

@@ -271,7 +271,8 @@ def main() -> None:
             from clients import cpu_per_request, delay_chain
 
             cpu = cpu_per_request(server.url, rounds=4 if args.quick else 15)
-            chain = delay_chain(server.url, rounds=4 if args.quick else 15)
+            with http1_upstream(exact_delays=True) as exact:
+                chain = delay_chain(exact.url, rounds=4 if args.quick else 15)
             from jobs import jobs_through_the_local_stack
 
             with on_cores(whole_machine):

@@ -109,10 +109,13 @@ def _wait_ready(process: subprocess.Popen[str], marker: str) -> None:
 
 
 @contextmanager
-def http1_upstream(port: int = 0) -> Iterator[Server]:
+def http1_upstream(port: int = 0, *, exact_delays: bool = False) -> Iterator[Server]:
+    """fanout_local.upstream on uvloop; `exact_delays`: /delay on time to the microsecond (for the delay
+    chain, whose floor is the delay itself), not the loop's timer (up to a millisecond or so late)."""
     port = port or _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "fanout_local.upstream", "--port", str(port), "--delay-ms", "0", "--uvloop"],
+        [sys.executable, "-m", "fanout_local.upstream", "--port", str(port), "--delay-ms", "0", "--uvloop"]
+        + (["--exact-delays"] if exact_delays else []),
         stdout=subprocess.PIPE,
         text=True,
     )

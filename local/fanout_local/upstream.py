@@ -6,7 +6,8 @@ Endpoints:
 - `GET /hang`: never answers (until the client gives up);
 - `GET /reset`: closes the connection without answering;
 - `GET /cookie`: 200 with a `Set-Cookie` header (counts requests that carried a cookie);
-- `GET /stats`: the counters below, as JSON (not counted themselves).
+- `GET /stats`: the counters below, as JSON (not counted themselves), and how late /delay
+  answered (`delay_late_us`: median and 99th percentile past the asked delay).
 
 Faults, for the /batch tests (`key` keeps a counter per test):
 - `/flaky?key=K&fail=N&status=503`: the first N calls answer `status`, then 200;
@@ -37,6 +38,7 @@ import contextlib
 import email.utils
 import json
 import ssl
+import statistics
 import threading
 import time
 from collections import deque
@@ -49,6 +51,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from fanout_local import hostile
 from fanout_local.capacity import Capacity
+from fanout_local.exact_sleep import ExactSleeper
 
 
 @dataclass
@@ -68,6 +71,7 @@ class LocalUpstream:
         port: int = 0,
         delay_ms: float = 50.0,
         ssl_context: ssl.SSLContext | None = None,
+        exact_delays: bool = False,
     ) -> None:
         self.host = host
         self.ssl_context = ssl_context
@@ -78,6 +82,10 @@ class LocalUpstream:
         self.mode = "/delay"  # what GET /mode answers as: tests point a function's one target at /mode
         self.arrivals: deque[float] = deque(maxlen=100_000)  # monotonic time each request arrived
         self.capacity = Capacity()  # /limited and /knee: what a target can take (fanout_local.capacity)
+        # /delay on the loop's timer (late by up to a millisecond or so), or to the microsecond for a benchmark
+        # that takes the delay as its floor, at the cost of spinning a core for the last 2 ms of each
+        self.exact_sleeper = ExactSleeper() if exact_delays else None
+        self.delay_lateness_s: deque[float] = deque(maxlen=100_000)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -112,6 +120,7 @@ class LocalUpstream:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                received_at = time.perf_counter()
                 request_line, *header_lines = head.decode("latin-1").split("\r\n")
                 method, target, _version = request_line.split(" ", 2)
                 headers = {
@@ -121,7 +130,7 @@ class LocalUpstream:
                 keep_alive = headers.get("connection", "") != "close"
                 if "cookie" in headers:
                     self.stats.requests_with_cookie += 1
-                request = Request(method, target, headers, body)
+                request = Request(method, target, headers, body, received_at)
                 self.arrivals.append(time.monotonic())
                 try:
                     answer: Any = _HeadersOnly(writer) if method == "HEAD" else writer
@@ -143,7 +152,7 @@ class LocalUpstream:
             url = urlsplit(self.mode)
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
         if url.path == "/stats":
-            writer.write(_response(200, asdict(self.stats), keep_alive))
+            writer.write(_response(200, {**asdict(self.stats), "delay_late_us": self._lateness_us()}, keep_alive))
             return True
         self.stats.requests += 1
         self.stats.in_flight += 1
@@ -151,8 +160,9 @@ class LocalUpstream:
         try:
             if url.path == "/delay":
                 delay_ms = float(query.get("ms", self.delay_ms))
-                await asyncio.sleep(delay_ms / 1000)
-                writer.write(_response(200, {"delay_ms": delay_ms}, keep_alive))
+                answer = _response(200, {"delay_ms": delay_ms}, keep_alive)  # made first: sent on time
+                self.delay_lateness_s.append(await self._hold(request.received_at + delay_ms / 1000))
+                writer.write(answer)
             elif url.path.startswith("/status/"):
                 code = int(url.path.removeprefix("/status/"))
                 writer.write(_response(code, {"status": code}, keep_alive))
@@ -168,6 +178,19 @@ class LocalUpstream:
             return True
         finally:
             self.stats.in_flight -= 1
+
+    async def _hold(self, until: float) -> float:
+        """Sleep for /delay until `until` (a time.perf_counter() time); answers how late it woke, in seconds."""
+        if self.exact_sleeper is not None:
+            return await self.exact_sleeper.sleep_until(until)
+        await asyncio.sleep(until - time.perf_counter())
+        return time.perf_counter() - until
+
+    def _lateness_us(self) -> dict[str, float] | None:
+        if len(self.delay_lateness_s) < 2:
+            return None
+        percentiles = statistics.quantiles(self.delay_lateness_s, n=100)
+        return {"p50": round(percentiles[49] * 1e6, 1), "p99": round(percentiles[98] * 1e6, 1)}
 
     async def _fault(
         self, path: str, query: dict[str, str], request: Request, writer: asyncio.StreamWriter, keep_alive: bool
@@ -252,6 +275,7 @@ class Request:
     target: str
     headers: dict[str, str]
     body: bytes
+    received_at: float  # time.perf_counter() when its head was read: /delay counts from there
 
 
 def _raw_response(status: int, data: bytes, content_type: str, keep_alive: bool) -> bytes:
@@ -276,9 +300,11 @@ def _response(status: int, body: object, keep_alive: bool, extra_headers: tuple[
 
 
 @contextmanager
-def running_in_thread(*, delay_ms: float = 50.0, ssl_context: ssl.SSLContext | None = None) -> Iterator[LocalUpstream]:
+def running_in_thread(
+    *, delay_ms: float = 50.0, ssl_context: ssl.SSLContext | None = None, exact_delays: bool = False
+) -> Iterator[LocalUpstream]:
     """Serve on 127.0.0.1 (a free port) from a thread with its own loop, for tests and benchmarks."""
-    upstream = LocalUpstream(delay_ms=delay_ms, ssl_context=ssl_context)
+    upstream = LocalUpstream(delay_ms=delay_ms, ssl_context=ssl_context, exact_delays=exact_delays)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="local-upstream", daemon=True)
     thread.start()
@@ -298,6 +324,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=3001)
     parser.add_argument("--delay-ms", type=float, default=50.0, help="latency of /delay without ?ms=")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (benchmarks: less server CPU)")
+    parser.add_argument(
+        "--exact-delays", action="store_true", help="answer /delay on time to the microsecond (spins a core)"
+    )
     parser.add_argument("--certfile", help="serve HTTPS with this certificate chain (PEM)")
     parser.add_argument("--keyfile", help="and this private key (PEM)")
     args = parser.parse_args()
@@ -307,7 +336,13 @@ def main() -> None:
         ssl_context.load_cert_chain(args.certfile, args.keyfile)
 
     async def serve() -> None:
-        upstream = LocalUpstream(host=args.host, port=args.port, delay_ms=args.delay_ms, ssl_context=ssl_context)
+        upstream = LocalUpstream(
+            host=args.host,
+            port=args.port,
+            delay_ms=args.delay_ms,
+            ssl_context=ssl_context,
+            exact_delays=args.exact_delays,
+        )
         await upstream.start()
         print(f"local upstream on {upstream.url} (GET /delay answers after {args.delay_ms:g} ms)", flush=True)
         await asyncio.Event().wait()
