@@ -427,6 +427,51 @@ def test_with_metrics_disabled_no_values_pile_up_from_call_to_call(
     assert telemetry._emf.metric_set["UpstreamRequests"]["Value"] == [1.0]  # the last line's, not three calls'
 
 
+class Writes:
+    """A stdout that keeps each write apart: what the reader of a function's output is woken for."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_calls_metrics_are_one_write_of_one_line_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    telemetry = Telemetry(service=DEFAULT_SERVICE, namespace=NAMESPACE)
+    tally = CallTally()
+    tally.add_answered("a", 5.0)
+    tally.add(UpstreamRecord("1", "b", "GET", "/", 1, (9.0,), None, "ReadTimeout"))
+    tally.add(UpstreamRecord("2", "b", "GET", "/", 2, (3.0, 4.0), 503, None))
+    stdout = Writes()
+    monkeypatch.setattr("sys.stdout", stdout)
+    telemetry._emit_metrics(CallReport("batch", "semaphore", 2, 0.01, 30.0, tally), {"elapsed_ms": 10.0, "skipped": 0})
+    (written,) = stdout.writes
+    lines = [json.loads(line) for line in written.splitlines()]
+    assert written.endswith("\n") and len(lines) == 5  # the call; per target a and b; b's two error types
+    dimensions = [tuple(line["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0]) for line in lines]
+    assert dimensions == [
+        ("function", "service"),
+        ("function", "target", "service"),
+        ("function", "target", "service"),
+        ("function", "target", "error_type", "service"),
+        ("function", "target", "error_type", "service"),
+    ]
+    assert [(line.get("target"), line.get("error_type")) for line in lines] == [
+        (None, None),
+        ("a", None),
+        ("b", None),
+        ("b", "HTTP5xx"),
+        ("b", "ReadTimeout"),
+    ]
+    assert [line["UpstreamRequests"] for line in lines[1:3]] == [[1.0], [3.0]]
+    assert telemetry._emf.metric_set == {}  # emptied, as Powertools' flush leaves it
+
+
 def test_latency_sample_keeps_every_value_up_to_the_size_then_order_statistics() -> None:
     assert latency_sample([3.0, 1.0, 2.0], size=5) == [3.0, 1.0, 2.0]
     values = [float(v) for v in range(1000, 0, -1)]  # 1000 .. 1, unordered for the sample
