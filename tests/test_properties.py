@@ -124,4 +124,7 @@ def refusal_says_why(ctx: Any, response: Any, case: Any) -> bool | None:
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_input_makes_a_500_and_every_refusal_says_why(case: Any, live_api: str) -> None:
-    case.call_and_validate(base_url=live_api, checks=[not_a_server_error, status_code_conformance, response_schema_conformance, refusal_says_why])
+    case.call_and_validate(
+        base_url=live_api,
+        checks=[not_a_server_error, status_code_conformance, response_schema_conformance, refusal_says_why],
+    )
