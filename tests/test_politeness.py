@@ -479,6 +479,56 @@ def test_a_cancelled_waiter_hands_its_slot_on() -> None:
     assert run(go())
 
 
+async def _through_attempt(limiter: TargetLimiter, status: int) -> None:
+    """One request as the routes make it: admitted, sent, answered with `status`."""
+    async with limiter.attempt(time.monotonic() + 10) as sent:
+        sent.sending()
+        sent.answered(status, None)
+
+
+def test_an_answer_through_attempt_resets_the_failures_and_hands_its_slot_on() -> None:
+    """Served answers take `served`, a shortcut past `record`: it must still end a run of failures,
+    give the slot back and wake a waiter."""
+
+    async def failures_between_answers() -> tuple[str, int]:
+        limiter = TargetLimiter("t", ceiling=10)
+        for _ in range(3):  # never CIRCUIT_THRESHOLD failures in a row
+            for _ in range(CIRCUIT_THRESHOLD - 1):
+                await _through_attempt(limiter, 502)
+            await _through_attempt(limiter, 200)
+        return limiter.state.circuit.value, limiter.state.in_flight
+
+    async def a_waiter_gets_the_slot() -> bool:
+        limiter = TargetLimiter("t", ceiling=2)
+        limiter.state.limit, limiter.state.slow_start = 2, False  # and no round ends: nothing else wakes it
+        held = await limiter.admit(deadline=time.monotonic() + 10)
+        async with limiter.attempt(time.monotonic() + 10) as sent:
+            waiter = asyncio.create_task(limiter.admit(deadline=time.monotonic() + 10))
+            await asyncio.sleep(0)  # waiting: both slots are taken
+            sent.sending()
+            sent.answered(204, None)
+        probe = await asyncio.wait_for(waiter, 1)
+        limiter.release(held)
+        limiter.release(probe)
+        return not probe and limiter.state.in_flight == 0
+
+    assert run(failures_between_answers()) == ("closed", 0)
+    assert run(a_waiter_gets_the_slot())
+
+
+def test_a_probe_answered_through_attempt_closes_the_circuit() -> None:
+    async def go() -> tuple[str, bool, int]:
+        limiter = TargetLimiter("t", ceiling=10)
+        for _ in range(CIRCUIT_THRESHOLD):
+            await _through_attempt(limiter, 502)
+        assert limiter.state.circuit.value == "open"
+        limiter.state.circuit_until = time.monotonic()  # the cool-down is over
+        await _through_attempt(limiter, 200)  # the probe
+        return limiter.state.circuit.value, limiter.state.probing, limiter.state.in_flight
+
+    assert run(go()) == ("closed", False, 0)
+
+
 def test_vegas_steps_down_after_two_queueing_rounds_not_one() -> None:
     limiter = TargetLimiter("t", ceiling=100)
     state = limiter.state

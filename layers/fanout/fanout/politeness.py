@@ -193,12 +193,16 @@ class Attempt:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         limiter = self._limiter
-        if exc is None and self.status is not None:
+        status = self.status
+        if exc is None and status is not None:
             sent_at, answered_at = self.sent_at, self.answered_at
             latency_s = None if sent_at is None else answered_at - sent_at
-            limiter.record(
-                self._probe, self.status, latency_s=latency_s, retry_after_s=self.retry_after_s, now=answered_at
-            )
+            if self._probe or classify(status, self.retry_after_s) is not Answer.SERVED:
+                limiter.record(
+                    self._probe, status, latency_s=latency_s, retry_after_s=self.retry_after_s, now=answered_at
+                )
+            else:
+                limiter.served(latency_s, answered_at)
         elif isinstance(exc, RequestError) and exc.kind in UNANSWERED:
             limiter.record(self._probe, None, latency_s=None, retry_after_s=None)
         else:
@@ -358,6 +362,17 @@ class TargetLimiter:
             state.failures_in_a_row = 0
             if probe:
                 state.circuit = Circuit.CLOSED
+        if self._waiters:
+            self._wake()
+
+    def served(self, latency_s: float | None, now: float) -> None:
+        """`record` for an answer that is neither a throttle nor a failure, to a request that was not
+        the half-open probe: the path of almost every request, kept short (a tenth of the seed
+        routes' CPU at 0 ms went to the limiter)."""
+        state = self.state
+        state.in_flight -= 1
+        state.failures_in_a_row = 0
+        self._served(now, latency_s)
         if self._waiters:
             self._wake()
 
