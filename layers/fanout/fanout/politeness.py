@@ -342,11 +342,14 @@ class TargetLimiter:
         one; `now` if the caller has just read time.monotonic()."""
         if now is None:
             now = time.monotonic()
+        answer = classify(status, retry_after_s)
+        if answer is Answer.SERVED and not probe:
+            self.served(latency_s, now)
+            return
         state = self.state
         state.in_flight -= 1
         if probe:
             state.probing = False
-        answer = classify(status, retry_after_s)
         if answer is Answer.SERVED:
             self._served(now, latency_s)
         elif answer is Answer.THROTTLED:
