@@ -487,8 +487,8 @@ async def _through_attempt(limiter: TargetLimiter, status: int) -> None:
 
 
 def test_an_answer_through_attempt_resets_the_failures_and_hands_its_slot_on() -> None:
-    """Served answers take `served`, a shortcut past `record`: it must still end a run of failures,
-    give the slot back and wake a waiter."""
+    """`record` hands served answers to `served`, a shortcut past its general path: it must still end
+    a run of failures, give the slot back and wake a waiter."""
 
     async def failures_between_answers() -> tuple[str, int]:
         limiter = TargetLimiter("t", ceiling=10)

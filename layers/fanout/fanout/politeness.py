@@ -193,16 +193,12 @@ class Attempt:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         limiter = self._limiter
-        status = self.status
-        if exc is None and status is not None:
+        if exc is None and self.status is not None:
             sent_at, answered_at = self.sent_at, self.answered_at
             latency_s = None if sent_at is None else answered_at - sent_at
-            if self._probe or classify(status, self.retry_after_s) is not Answer.SERVED:
-                limiter.record(
-                    self._probe, status, latency_s=latency_s, retry_after_s=self.retry_after_s, now=answered_at
-                )
-            else:
-                limiter.served(latency_s, answered_at)
+            limiter.record(
+                self._probe, self.status, latency_s=latency_s, retry_after_s=self.retry_after_s, now=answered_at
+            )
         elif isinstance(exc, RequestError) and exc.kind in UNANSWERED:
             limiter.record(self._probe, None, latency_s=None, retry_after_s=None)
         else:
