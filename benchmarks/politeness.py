@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from paired import paired_ratio
+from pyreqwest.http import Url
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_random_exponential
-from yarl import URL
 
 from fanout.batch import BACKOFF_BASE_S, BACKOFF_CAP_S, RETRY_STATUSES, BatchItem, BatchRunner, retry_after_s
 from fanout.engine import RequestError, Strategy
@@ -168,7 +168,7 @@ def run_kind(server_url: str, kind: Kind, adaptive: bool, key: str) -> dict[str,
         politeness = Politeness(ceiling=K)
         scope = TargetScope.of("t", UpstreamTarget(url=server_url, allow_http=True))
         query = {name: str(value) for name, value in {**kind.query, "key": key}.items()}
-        url = URL(server_url).with_path(kind.path).with_query(query)
+        url = Url(server_url).with_path(kind.path).with_query(query)
         items = [
             BatchItem(id=str(i), method="GET", url=url, headers={}, body=None, scope=scope, path=kind.path)
             for i in range(kind.n)

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 import pytest
+from pyreqwest.http import Url
 from tenacity import AsyncRetrying, Future, RetryCallState
-from yarl import URL
 
 from conftest import lambda_context, load_event, post_batch, run
 from fanout.batch import BatchItem, BatchRun, BatchRunner, ItemReport, _retryable_error, retry_after_s
@@ -221,6 +221,19 @@ def test_per_host_cap_bounds_requests_in_flight(make_handler: Any, upstream: Loc
     assert upstream.stats.peak_in_flight == 2
 
 
+def test_per_host_cap_is_per_host(import_handler: Any, upstream: LocalUpstream) -> None:
+    """Two targets on two host names (one listener): each has its own cap of 2, so 4 are in flight."""
+    upstreams = {name: {"url": f"http://{host}:{upstream.port}", "allow_http": True}
+                 for name, host in [("a", "127.0.0.1"), ("b", "localhost")]}  # fmt: skip
+    handler = import_handler(
+        FANOUT_UPSTREAMS=json.dumps(upstreams), FANOUT_MAX_PER_HOST="2", FANOUT_MAX_CONCURRENCY="10"
+    ).handler
+    requests = [{"id": str(i), "target": "ab"[i % 2], "path": "/delay", "query": {"ms": 50}} for i in range(12)]
+    _, body = post_batch(handler, {"concurrency": 10, "requests": requests})
+    assert body["summary"]["succeeded"] == 12
+    assert upstream.stats.peak_in_flight == 4
+
+
 def test_rate_limit_spaces_out_starts(make_handler: Any, upstream: LocalUpstream) -> None:
     handler = make_handler(FANOUT_RATE_PER_S="5")
     requests = [{"id": str(i), "target": "up", "path": "/delay", "query": {"ms": 0}} for i in range(15)]
@@ -421,7 +434,7 @@ def stand_in_items(n: int) -> list[BatchItem]:
     """GETs to a target only a stand-in transport answers (nothing goes to the network)."""
     scope = TargetScope.of("t", UpstreamTarget(url="https://t.example"))
     return [
-        BatchItem(id=str(i), method="GET", url=URL("https://t.example/"), headers={}, body=None, scope=scope, path="/")
+        BatchItem(id=str(i), method="GET", url=Url("https://t.example/"), headers={}, body=None, scope=scope, path="/")
         for i in range(n)
     ]
 

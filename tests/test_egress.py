@@ -27,6 +27,7 @@ from unittest import mock
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
+from pyreqwest.http import Url
 from yarl import URL
 
 from conftest import post_batch, run
@@ -455,11 +456,18 @@ def stub_dns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("fanout.pinning.lookup", stub_lookup(NAMES))
 
 
+def client_host(url: str) -> str:
+    """The host as the client (and pydantic's HttpUrl) reads it; "" for a URL it cannot parse."""
+    try:
+        return Url(url).host_str or ""
+    except ValueError:
+        return ""
+
+
 def scope_for(url: str, *, private: tuple[Any, ...] = (), redirect_hosts: tuple[str, ...] = ()) -> TargetScope:
-    parsed = URL(url)
     return TargetScope(
         name="t",
-        host=(parsed.host or "").lower(),
+        host=client_host(url),
         redirect_hosts=frozenset(redirect_hosts),
         schemes=frozenset({"http", "https"}),
         max_redirects=3,
@@ -468,10 +476,14 @@ def scope_for(url: str, *, private: tuple[Any, ...] = (), redirect_hosts: tuple[
 
 
 async def send_once(url: str, scope: TargetScope | None = None, *, transport: str, allow_private: bool = False) -> int:
+    """One request by `send`, as /batch makes it; a URL the client's parser refuses (a zone id) cannot be
+    a /batch URL, so it is sent as the seed routes send theirs, by `get_status` with the URL as text."""
     client = make_transport(transport, max_connections=2, timeout_s=2, allow_private=allow_private)
     try:
+        if not client_host(url):
+            return (await client.get_status(url))[0]
         response = await client.send(
-            "GET", URL(url, encoded=True), headers={}, body=None, max_body_bytes=100, scope=scope or scope_for(url)
+            "GET", Url(url), headers={}, body=None, max_body_bytes=100, scope=scope or scope_for(url)
         )
         return response.status
     finally:
@@ -692,11 +704,12 @@ def test_the_runtime_api_is_refused_in_every_spelling_even_when_private_is_allow
 def test_a_redirect_into_a_local_spelling_is_refused_at_connect(
     location: str, loopback: LoopbackListener, upstream: LocalUpstream, transport: str
 ) -> None:
-    """Even where a target lists the host (the redirect rule passes), the connection is refused."""
-    hostile = URL(location.format(port=loopback.port))
+    """Even where a target lists the host (the redirect rule passes), the connection is refused; a
+    Location the client cannot parse (a zone id) is refused as the address it spells, not as a bad URL."""
+    hostile = URL(location.format(port=loopback.port))  # yarl: it takes a zone id, as a Location may hold one
     first = f"{upstream.url}/redirect?to={hostile}"
     scope = scope_for(upstream.url, private=(ipaddress.ip_network("127.0.0.1/32"),), redirect_hosts=())
-    scope = TargetScope(**{**_fields(scope), "redirect_hosts": frozenset({(hostile.host or "").lower()})})
+    scope = TargetScope(**{**_fields(scope), "redirect_hosts": frozenset({client_host(str(hostile))})})
     with pytest.raises(RequestError) as error:
         run(send_once(first, scope, transport=transport))
     assert error.value.kind == "ForbiddenAddress"

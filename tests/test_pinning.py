@@ -22,7 +22,7 @@ import pytest
 import trustme
 from hypothesis import given
 from hypothesis import strategies as st
-from yarl import URL
+from pyreqwest.http import Url
 
 from conftest import run
 from fanout.engine import RequestError
@@ -247,7 +247,7 @@ def test_an_answer_that_turns_inside_is_refused_before_sending(monkeypatch: pyte
 
     async def call(listeners: Listeners) -> tuple[int, str, dict[str, int]]:
         client = transport(allow_private=False)
-        url = URL(f"http://upstream.test:{listeners.port}/")
+        url = Url(f"http://upstream.test:{listeners.port}/")
         try:
             first = await client.send("GET", url, headers={}, body=None, max_body_bytes=10, scope=scope)
             answers["upstream.test"] = ["127.0.0.1"]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from yarl import URL
+from pyreqwest.http import Url
 
 from conftest import post_batch, run
 from fanout.batch import BatchItem, BatchRun, BatchRunner, ItemReport
@@ -42,7 +42,7 @@ from fanout_local.upstream import LocalUpstream
 
 def items_to(upstream: LocalUpstream, target: str, path: str, n: int, **query: Any) -> list[BatchItem]:
     scope = TargetScope.of(target, UpstreamTarget(url=upstream.url, allow_http=True))
-    url = URL(upstream.url).with_path(path).with_query({k: str(v) for k, v in query.items()})
+    url = Url(upstream.url).with_path(path).with_query({k: str(v) for k, v in query.items()})
     return [
         BatchItem(id=f"{target}-{i}", method="GET", url=url, headers={}, body=None, scope=scope, path=path)
         for i in range(n)

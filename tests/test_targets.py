@@ -11,13 +11,13 @@ from urllib.parse import unquote, urlencode
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from yarl import URL
+from pyreqwest.http import Url
 
 from conftest import post_batch
 from fanout.egress import PRIVATE_NETWORKS
 from fanout.settings import UpstreamTarget
 from fanout.targets import TargetScope, check_path, target_url
-from fanout_local.upstream import LocalUpstream
+from fanout_local.upstream import LocalUpstream, running_in_thread
 
 ESCAPING = [
     "/..",
@@ -124,11 +124,11 @@ def test_a_joined_url_never_leaves_its_host_or_base_path(base: str, tail: str) -
         check_path(path)
     except ValueError:
         return
-    joined, origin = target_url(base, path, {}), URL(base)
-    assert (joined.scheme, joined.host, joined.port) == (origin.scheme, origin.host, origin.port)
-    prefix = origin.raw_path.rstrip("/")
-    assert joined.raw_path.startswith(prefix + "/")
-    assert (server_view(joined.raw_path) + "/").startswith(server_view(prefix).rstrip("/") + "/")
+    joined, origin = target_url(base, path, {}), Url(base)
+    assert (joined.scheme, joined.host_str, joined.port) == (origin.scheme, origin.host_str, origin.port)
+    prefix = origin.path.rstrip("/")
+    assert joined.path.startswith(prefix + "/")
+    assert (server_view(joined.path) + "/").startswith(server_view(prefix).rstrip("/") + "/")
 
 
 @pytest.fixture
@@ -218,6 +218,29 @@ def test_a_chain_within_max_redirects_is_followed_to_its_end(
     assert upstream.stats.requests == max_redirects + 1
 
 
+@pytest.mark.parametrize(
+    ("elsewhere", "forwarded"),
+    [("same", "Bearer t"), ("another port", None), ("another host", None)],
+)
+def test_authorization_goes_only_to_the_origin_it_was_given_for(
+    elsewhere: str, forwarded: str | None, make_handler: Any, upstream: LocalUpstream
+) -> None:
+    """A redirect to another origin (host or port here; the scheme is part of it too) drops Authorization;
+    within its origin it stays."""
+    with running_in_thread(delay_ms=1) as other:
+        to = {
+            "same": f"{upstream.url}/echo",
+            "another port": f"{other.url}/echo",
+            "another host": f"http://localhost:{upstream.port}/echo",
+        }[elsewhere]
+        handler = make_handler(url=upstream.url, max_redirects=1, forward_authorization=True,
+                               redirect_hosts=["localhost"])  # fmt: skip
+        request = {**redirect(to), "headers": {"Authorization": "Bearer t"}}
+        _, body = post_batch(handler, {"requests": [request]})
+    (item,) = body["responses"]
+    assert item["body"]["headers"].get("authorization") == forwarded
+
+
 def test_a_redirect_loop_ends_as_too_many_redirects(make_handler: Any, upstream: LocalUpstream) -> None:
     handler = make_handler(url=upstream.url, max_redirects=4)
     _, body = post_batch(handler, {"requests": [{"id": "loop", "target": "up", "path": "/loop"}]})
@@ -233,42 +256,63 @@ def test_without_max_redirects_a_redirect_is_the_answer(make_handler: Any, upstr
 
 
 @pytest.mark.parametrize(
-    ("url", "allowed"),
+    ("location", "allowed"),
     [
         ("https://api.example.com/x", True),
         ("https://API.example.com/x", True),
+        ("HTTPS://api.example.com./x", False),  # a trailing dot is another name to the parser
         ("https://cdn.example.com/x", True),
+        ("//cdn.example.com/x", True),  # scheme-relative: https, the scheme of the URL it answers
+        ("/relative", True),  # the target's own host
         ("http://api.example.com/x", False),  # plain http: the target does not allow it
         ("https://evil.example.com/x", False),
         ("https://api.example.com.evil.example/x", False),
+        ("https://api.example.com@evil.example/x", False),  # credentials, then the host
+        ("https://evil.example\\@api.example.com/x", False),  # "\\" ends the host, as reqwest reads it
         ("https://example.com/x", False),
         ("ftp://api.example.com/x", False),
-        ("/relative", False),
     ],
 )
-def test_scope_check_redirect(url: str, allowed: bool) -> None:
+def test_scope_check_redirect(location: str, allowed: bool) -> None:
     target = UpstreamTarget(url="https://api.example.com/v1", max_redirects=2, redirect_hosts=("cdn.example.com",))
     scope = TargetScope.of("api", target)
-    assert (scope.check_redirect(URL(url)) is None) is allowed
+    assert (scope.check_redirect(Url("https://api.example.com/v1/a").join(location)) is None) is allowed
 
 
 @pytest.mark.parametrize(
-    ("url", "why"),
+    ("location", "why"),
     [
         ("https://api.example.com/x", None),
         ("http://api.example.com/x", None),  # allow_http: both schemes
+        ("/relative", None),
         ("ftp://api.example.com/x", "a redirect to ftp: URL is not allowed for this target"),
-        ("/relative", "a redirect to a relative: URL is not allowed for this target"),
-        ("http:///x", "a redirect to a URL without a host is not allowed"),
+        ("javascript:alert(1)", "a redirect to javascript: URL is not allowed for this target"),
         (
             "https://other.example/x",
             "a redirect to other.example is not allowed: the target's redirect_hosts does not list it",
         ),
+        (
+            "http:///other.example/x",  # http's slashes are not counted: the host is other.example
+            "a redirect to other.example is not allowed: the target's redirect_hosts does not list it",
+        ),
+        (
+            "http://Bücher.example/",  # the name as the client sends it: punycode
+            "a redirect to xn--bcher-kva.example is not allowed: the target's redirect_hosts does not list it",
+        ),
     ],
 )
-def test_why_a_redirect_is_refused(url: str, why: str | None) -> None:
+def test_why_a_redirect_is_refused(location: str, why: str | None) -> None:
     scope = TargetScope.of("api", UpstreamTarget(url="http://api.example.com", allow_http=True, max_redirects=1))
-    assert scope.check_redirect(URL(url)) == why
+    assert scope.check_redirect(Url("http://api.example.com/a").join(location)) == why
+
+
+def test_an_ipv6_or_unicode_target_is_its_own_redirect_host_in_the_clients_spelling() -> None:
+    """The scope's host (pydantic's reading of the target) and a redirect's (the client's) agree."""
+    for base, location in [("http://[::1]:8080/a", "http://[0::1]:8080/b"), ("https://Bücher.example/", "/b")]:
+        target = UpstreamTarget(url=base, allow_http=True, max_redirects=1, private=True)
+        scope = TargetScope.of("t", target)
+        joined = Url(base).join(location)
+        assert (scope.check_redirect(joined), scope.networks_for(joined.host_str)) == (None, PRIVATE_NETWORKS)
 
 
 def test_a_scope_is_a_value() -> None:

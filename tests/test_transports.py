@@ -14,8 +14,8 @@ from typing import Any
 
 import pyreqwest.exceptions as pe
 import pytest
+from pyreqwest.http import Url
 from pyreqwest.request import RequestBuilder
-from yarl import URL
 
 from conftest import run
 from fanout.engine import RequestError
@@ -49,7 +49,7 @@ def send(transport: str, upstream: LocalUpstream) -> Callable[..., UpstreamRespo
             )
             try:
                 return await client.send(
-                    method, URL(upstream.url + path), headers={}, body=None, max_body_bytes=CAP, scope=scope
+                    method, Url(upstream.url + path), headers={}, body=None, max_body_bytes=CAP, scope=scope
                 )
             finally:
                 await client.aclose()

@@ -39,7 +39,6 @@ from tenacity import (
     stop_any,
     wait_random_exponential,
 )
-from yarl import URL  # at import, not at the first item: /batch cold starts pay for it (some 7 ms)
 
 from fanout.engine import (
     DEADLINE_EXCEEDED,
@@ -57,6 +56,7 @@ from fanout.transports import Transport, UpstreamResponse
 
 if TYPE_CHECKING:
     from aiolimiter import AsyncLimiter
+    from pyreqwest.http import Url
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -70,7 +70,7 @@ RATE_LIMIT_WAIT_S = 0.001  # an attempt that waited longer than this for the rat
 class BatchItem(NamedTuple):
     id: str
     method: str
-    url: URL
+    url: Url
     headers: dict[str, str]
     body: bytes | None
     scope: TargetScope  # where the request and its redirects may go

@@ -10,6 +10,11 @@ A caller names a target and a path, never a host. Three rules keep it there:
 - `TargetScope.check_redirect`: a redirect may go only to the target's own host,
   or to a host the target lists in `redirect_hosts`, over an allowed scheme.
 
+URLs are read and built with `pyreqwest.http.Url`: the WHATWG parser of Rust's `url`
+crate, the one reqwest connects with and pydantic's `HttpUrl` (the targets' own
+hosts) is built on. So a host is checked as the client will read it, in one spelling
+on both sides (punycode, IPv6 in brackets), and /batch loads no URL library of its own.
+
 Which addresses a hop may connect to is fanout.egress's decision; the scope says
 which networks beyond global ones a private target's own host may use.
 """
@@ -21,11 +26,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, unquote
 
+from pyreqwest.http import Url
+
 from fanout.egress import PRIVATE_NETWORKS, IPNetwork
 
 if TYPE_CHECKING:
-    from yarl import URL
-
     from fanout.settings import UpstreamTarget
 
 REDIRECT_REFUSED = "RedirectRefused"
@@ -55,23 +60,19 @@ def check_path(path: str) -> str:
     return path
 
 
-def target_url(base: str, path: str, query: Mapping[str, Any]) -> URL:
+def target_url(base: str, path: str, query: Mapping[str, Any]) -> Url:
     """`base` with `path` appended and `query` added: never another host or a parent of its path."""
-    from yarl import URL  # loaded by fanout.batch, whose items these URLs are
-
-    url = URL(base)
-    joined = URL.build(
-        scheme=url.scheme,
-        authority=url.raw_authority,
-        path=url.raw_path.rstrip("/") + quote(path, safe=_PATH_SAFE),
-        query_string=url.raw_query_string,
-        encoded=True,  # the caller's escapes go out as written
-    )
+    url = Url(base)
+    # quoted but for the caller's own escapes, which go out as written
+    joined = url.with_path(url.path.rstrip("/") + quote(path, safe=_PATH_SAFE))
     if not query:
         return joined
-    return joined.extend_query(
-        {key: str(value).lower() if isinstance(value, bool) else value for key, value in query.items()}
-    )
+    return joined.extend_query([(key, _query_value(value)) for key, value in query.items()])
+
+
+def _query_value(value: str | float | bool) -> str:
+    """A query value as JSON spells it: true and false in lower case, numbers as written."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class TargetScope(NamedTuple):
@@ -99,13 +100,11 @@ class TargetScope(NamedTuple):
         """The private networks a connection to `host` may use: the target's own, for its own host only."""
         return self.private_networks if host is not None and host.lower() == self.host else ()
 
-    def check_redirect(self, url: URL) -> str | None:
-        """None if a redirect to `url` may be followed, else why not."""
+    def check_redirect(self, url: Url) -> str | None:
+        """None if a redirect to `url` (absolute: joined to the URL it answers) may be followed, else why not."""
         if url.scheme not in self.schemes:
-            return f"a redirect to {url.scheme or 'a relative'}: URL is not allowed for this target"
-        if url.host is None:
-            return "a redirect to a URL without a host is not allowed"
-        host = url.host.lower()
+            return f"a redirect to {url.scheme}: URL is not allowed for this target"
+        host = url.host_str  # an http(s) URL always has one, in lower case: the parser folds a name's case
         if host != self.host and host not in self.redirect_hosts:
             return f"a redirect to {host} is not allowed: the target's redirect_hosts does not list it"
         return None

@@ -27,6 +27,7 @@ import aiohttp
 from aiohappyeyeballs import AddrInfoType
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
+from yarl import URL
 
 from fanout.egress import EgressPolicy, IPNetwork
 from fanout.engine import RequestError
@@ -101,9 +102,10 @@ class AiohttpTransport(Transport):
     async def _exchange(self, hop: Hop) -> UpstreamResponse:
         session: aiohttp.ClientSession = self._bound_client(hop.networks)
         timeout = aiohttp.ClientTimeout(total=hop.timeout_s, sock_connect=hop.timeout_s * CONNECT_SHARE)
+        url = URL(str(hop.url), encoded=True)  # WHATWG's serialization, read as it is written
         try:
             async with session.request(
-                hop.method, hop.url, headers=hop.headers, data=hop.body, allow_redirects=False, timeout=timeout
+                hop.method, url, headers=hop.headers, data=hop.body, allow_redirects=False, timeout=timeout
             ) as response:
                 if hop.follow and is_redirect(response.status, response.headers.get("Location")):
                     await _discard(response)

@@ -39,7 +39,7 @@ from pyreqwest.exceptions import (
     WriteError,
 )
 
-from fanout.egress import EgressPolicy, EgressRefused, IPNetwork, Reason, parse_address
+from fanout.egress import EgressPolicy, EgressRefused, IPNetwork, Reason
 from fanout.engine import RequestError
 from fanout.pinning import Pins, destination
 from fanout.transports import (
@@ -52,6 +52,7 @@ from fanout.transports import (
     decoded_headers,
     is_redirect,
     read_capped,
+    refusal_of_unparsable,
     refused_error,
 )
 
@@ -163,19 +164,9 @@ class PyreqwestTransport(Transport):
         if reason is not None:
             raise EgressRefused(reason, host, address, port)
 
-    def _unsendable(self, url: str, networks: tuple[IPNetwork, ...]) -> Exception:
-        """Why a URL reqwest would not even parse is refused: the guard's reason when its host reads as an
-        address (`[::1%25]`: a zone id), so no spelling of a local address is reported as anything else."""
-        from yarl import URL  # a seed function loads it only here, for a URL it cannot send
-
-        parsed = URL(url, encoded=True)  # pragma: no mutate (encoded or not, the same host)
-        host = parsed.host or ""  # pragma: no mutate (no host is no address, whatever stands for it)
-        if parse_address(host) is not None:
-            try:
-                self._check(host, host, parsed.port or 0, networks)  # pragma: no mutate (http has a port)
-            except EgressRefused as refused:
-                return refused
-        return RequestError("InvalidURL", f"the client cannot send to {url}")
+    def _unsendable(self, url: str, networks: tuple[IPNetwork, ...]) -> RequestError:
+        """Why a URL reqwest would not even parse is refused (a local spelling: as the guard refuses it)."""
+        return refusal_of_unparsable(url, networks, RequestError("InvalidURL", f"the client cannot send to {url}"))
 
     def _open(self, key: Any) -> Client:
         return self._build(None)

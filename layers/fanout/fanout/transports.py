@@ -40,12 +40,12 @@ import zlib
 from collections.abc import AsyncIterator, Hashable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
-from fanout.egress import EVERY_NETWORK, FORBIDDEN_ADDRESS, EgressRefused, IPNetwork
+from fanout.egress import EVERY_NETWORK, FORBIDDEN_ADDRESS, EgressPolicy, EgressRefused, IPNetwork, parse_address
 from fanout.engine import RequestError
 from fanout.targets import REDIRECT_REFUSED, TOO_MANY_REDIRECTS, TargetScope
 
 if TYPE_CHECKING:
-    from yarl import URL  # loaded by fanout.batch: the seed routes send a string they never parse
+    from pyreqwest.http import Url  # what /batch and the jobs send; the seed routes send a string
 
 TransportName = Literal["pyreqwest", "aiohttp"]
 TRANSPORTS: tuple[str, ...] = get_args(TransportName)
@@ -73,7 +73,7 @@ class Hop(NamedTuple):
     """One request of a `send`, as a transport makes it: a redirect's next hop is another."""
 
     method: str
-    url: URL
+    url: Url
     headers: dict[str, str]
     body: bytes | None
     timeout_s: float  # what is left of the whole request's time
@@ -113,7 +113,7 @@ class Transport:
     async def send(
         self,
         method: str,
-        url: URL,
+        url: Url,
         *,
         headers: dict[str, str],
         body: bytes | None,
@@ -135,7 +135,7 @@ class Transport:
                         body,
                         timeout_s=max(ends - time.monotonic(), 0.001),
                         max_body_bytes=max_body_bytes,
-                        networks=self._networks(scope.networks_for(current.host)),
+                        networks=self._networks(scope.networks_for(current.host_str)),
                         follow=scope.max_redirects > 0,
                     )
                 )
@@ -144,16 +144,15 @@ class Transport:
                 return response
             if hop == scope.max_redirects:
                 raise RequestError(TOO_MANY_REDIRECTS, f"more than {scope.max_redirects} redirects")
-            from yarl import URL  # already loaded: only /batch and the jobs send by `send`
-
             try:
-                following = current.join(URL(location))
+                following = current.join(location)
             except ValueError as exc:
-                raise RequestError(REDIRECT_REFUSED, "the Location header is not a URL") from exc
+                unparsable = RequestError(REDIRECT_REFUSED, "the Location header is not a URL")
+                raise refusal_of_unparsable(location, self._networks(()), unparsable) from exc
             refused = scope.check_redirect(following)
             if refused is not None:
                 raise RequestError(REDIRECT_REFUSED, refused)
-            if following.origin() != current.origin():  # credentials stay with their origin
+            if following.origin_ascii != current.origin_ascii:  # credentials stay with their origin
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             if response.status == 303 or (response.status in (301, 302) and method == "POST"):
                 method, body = "GET", None
@@ -167,14 +166,14 @@ class Transport:
     def _networks(self, networks: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
         return EVERY_NETWORK if self.allow_private else networks
 
-    def _slot(self, url: URL | None) -> asyncio.Semaphore:
+    def _slot(self, url: Url | None) -> asyncio.Semaphore:
         """The slot a request holds while it runs: one of `max_connections`, or of its host's `max_per_host`."""
         self._bound_loop()
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
         if url is None or not self.max_per_host:
             return self._slots
-        key = (url.host, url.port)
+        key = (url.host_str, url.port_or_known_default)
         slot = self._host_slots.get(key)
         if slot is None:
             slot = self._host_slots[key] = asyncio.Semaphore(min(self.max_per_host, self.max_connections))
@@ -212,6 +211,25 @@ class Transport:
 
     async def _close(self, client: Any) -> None:
         await client.close()
+
+
+def refusal_of_unparsable(url: str, networks: tuple[IPNetwork, ...], otherwise: RequestError) -> RequestError:
+    """Why a URL the WHATWG parser will not take is refused: the guard's reason when its host reads as a
+    refused address (`[::1%25]`, with a zone id, is one), so no spelling of a local address is reported
+    as anything else; else `otherwise`. Read with yarl (RFC 3986), which takes such hosts."""
+    from yarl import URL  # loaded only here, for a URL that cannot be sent
+
+    try:
+        parsed = URL(url, encoded=True)  # pragma: no mutate (encoded or not, the same host)
+    except ValueError:
+        return otherwise
+    host = parsed.host or ""  # pragma: no mutate (no host is no address, whatever stands for it)
+    port = parsed.port or 0  # pragma: no mutate (http has a port)
+    reason = EgressPolicy.from_env(allowed_networks=networks).refusal(host, port)
+    if parse_address(host) is None or reason is None:
+        return otherwise
+    refused = EgressRefused(reason, host, host, port)
+    return RequestError(FORBIDDEN_ADDRESS, refused.public_message, internal=str(refused))
 
 
 def is_redirect(status: int, location: str | None) -> bool:
