@@ -384,6 +384,48 @@ def test_the_rate_found_at_a_throttle_is_never_above_the_targets(rate: float, bu
     assert all(value <= rate for value in found), (max(found), rate)
 
 
+def replay(limiter: TargetLimiter, start: float, gap_s: float, served: int) -> float:
+    """`served` answers of 200, `gap_s` apart from `start`, then one 429; the time of the 429."""
+    clock = start
+    for _ in range(served):
+        limiter.state.in_flight += 1
+        limiter.record(False, 200, latency_s=0.001, retry_after_s=None, now=clock)
+        clock += gap_s
+    limiter.state.in_flight += 1
+    limiter.record(False, 429, latency_s=0.001, retry_after_s=None, now=clock)
+    return clock
+
+
+def test_a_throttle_early_in_a_paced_episode_cuts_the_rate_by_a_tenth_a_later_one_by_what_was_served() -> None:
+    """A target of 500/s with a bucket of 10. Its bucket, arriving bunched 20 ms into an episode paced
+    at about 480/s, draws a 429 that says little of its rate: the rate is cut by a tenth, not to what
+    those 20 ms served (about 100/s). A throttle 0.5 s into an episode is measured: it served 300/s.
+    A 429 with nothing served at all is a target refusing everything: the rate falls by the AWS SDKs' beta."""
+    limiter = TargetLimiter("t", ceiling=100)
+    clock = replay(limiter, 0.0, 0.0005, served=10)  # first contact: the bucket, all at once
+    clock = replay(limiter, clock + 0.002, 0.002, served=500)  # discovery: 500/s for a second
+    paced = limiter.state.rate
+    assert paced is not None and 470 <= paced <= 500
+    clock = replay(limiter, clock + 0.002, 0.002, served=12)  # 12 in 22 ms: the bucket and a few
+    assert limiter.state.peak_rate == pytest.approx(paced * 0.9, rel=0.01)  # paced: it grew a little since
+    clock = replay(limiter, clock + 0.002, 1 / 300, served=150)  # 0.5 s of 300/s, then a 429
+    assert 270 <= limiter.state.peak_rate <= 300  # (150 served - a bucket of 10) / 0.5 s: 280, a lower bound
+    paced = limiter.state.rate
+    replay(limiter, clock + 0.002, 0.002, served=0)  # early again, and nothing served: no jitter did that
+    assert limiter.state.peak_rate == pytest.approx(paced * 0.7)
+
+
+def test_an_early_throttle_while_discovering_is_not_taken_for_jitter() -> None:
+    """Discovery sends above what it knows the target takes, to find its rate: a throttle there is the
+    finding, early or late. Here the target served no more than its bucket: nothing to measure by."""
+    limiter = TargetLimiter("t", ceiling=100)
+    clock = replay(limiter, 0.0, 0.0005, served=10)
+    discovering_at = limiter.state.rate
+    assert limiter.state.discovering and discovering_at is not None
+    replay(limiter, clock + 0.002, 0.004, served=10)  # 10 in 40 ms, then a 429
+    assert limiter.state.peak_rate == pytest.approx(discovering_at * 0.7)
+
+
 @given(st.text(max_size=40))
 def test_retry_after_of_any_text_is_none_or_a_bounded_wait(value: str) -> None:
     seconds = retry_after_seconds(value)

@@ -22,7 +22,9 @@ mechanisms, each after a published design:
    window of the episode, less those a full bucket gives for free (counted in the first
    episode), per second: a lower bound of the target's rate that is tight for a token
    bucket. Until the second throttle it grows by `DISCOVERY_GROWTH` each
-   `DISCOVERY_STEP_S` to find that rate. Starts are paced by GCRA (virtual scheduling).
+   `DISCOVERY_STEP_S` to find that rate; a throttle too early in a paced episode to
+   measure by cuts the rate by at most `EARLY_THROTTLE_FACTOR` (`_rate_found`). Starts
+   are paced by GCRA (virtual scheduling).
 3. Pause: `Retry-After` (seconds or a date) stops the whole target until then; requests
    wait at `admit` instead of drawing more 429s. A pause past the caller's deadline is
    `TargetPaused` at once.
@@ -77,6 +79,8 @@ DISCOVERY_START_MIN = 10.0  # and never less: a target that refused the very fir
 DISCOVERY_GROWTH = 1.5
 DISCOVERY_STEP_S = 0.1
 BLIND_RATE_FACTOR = 0.7  # a throttle when nothing was served since the last: the AWS SDKs' beta
+EARLY_THROTTLE_S = 0.05  # a throttle this soon after a paced episode began measures too little (_rate_found)
+EARLY_THROTTLE_FACTOR = 0.9  # ... and cuts the rate it was paced at by at most this
 CUBIC_BETA = 0.98  # after a throttle, start at this share of the rate the target was found to serve
 CUBIC_K_S = 10.0  # seconds to grow back to that rate; past it, growth accelerates again
 ESTIMATE_MIN_SPAN_S = 0.02  # shorter windows are too few successes to measure a rate by
@@ -480,9 +484,7 @@ class TargetLimiter:
             state.rate = max(DISCOVERY_START_MIN, successes * DISCOVERY_START_FACTOR)
             state.discovering = True
         else:
-            found = self._served_rate(now)
-            blind = (state.rate or MIN_RATE) * BLIND_RATE_FACTOR  # nothing served to measure by
-            state.peak_rate = max(MIN_RATE, found if found is not None else blind)
+            state.peak_rate = max(MIN_RATE, self._rate_found(now, successes))
             state.discovering = False
         resume = now + (retry_after_s or 0.0)
         if retry_after_s:
@@ -498,6 +500,25 @@ class TargetLimiter:
             state.rate = state.peak_rate * CUBIC_BETA  # CUBIC's W(0)
         if self.rate_ceiling is not None:
             state.rate = min(state.rate or self.rate_ceiling, self.rate_ceiling)
+
+    def _rate_found(self, now: float, successes: int) -> float:
+        """CUBIC's W_max at a throttle after the first: the rate the target was found to serve.
+
+        A throttle within `EARLY_THROTTLE_S` of a paced episode's start measures little: the target
+        served its bucket and a few more, and a bucket's worth arriving bunched (the client's or the
+        network's jitter: 15 ms of a busy event loop) draws a 429 from a target the client paced
+        below its rate; the estimate then reads far below the rate it was paced at (a third, at
+        500/s), and CUBIC takes its 10 s to grow back. So such a throttle cuts the rate by at most
+        `EARLY_THROTTLE_FACTOR`: a target whose rate really fell throttles again in the next episode,
+        later, where its rate can be measured."""
+        state = self.state
+        rate = state.rate or MIN_RATE
+        if not successes:
+            return rate * BLIND_RATE_FACTOR  # nothing served to measure by
+        found = self._served_rate(now)
+        if not state.discovering and now - state.episode_start < EARLY_THROTTLE_S:
+            return max(found or 0.0, rate * EARLY_THROTTLE_FACTOR)
+        return found if found is not None else rate * BLIND_RATE_FACTOR
 
     def _open_bucket(self, now: float) -> None:
         """Close the open bucket of successes and open one with this success; forget those out of the window."""
