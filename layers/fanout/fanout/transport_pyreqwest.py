@@ -114,8 +114,9 @@ class PyreqwestTransport(Transport):
         Called with a slot held, so on the loop the clients belong to."""
         try:
             where = destination(url)
-        except ValueError as exc:
-            raise self._unsendable(url, networks) from exc
+        except ValueError as exc:  # a URL reqwest would not even parse: a local spelling is refused as such
+            unsendable = RequestError("InvalidURL", f"the client cannot send to {url}")
+            raise refusal_of_unparsable(url, networks, unsendable) from exc
         if where.address is not None:
             self._check(where.host, where.address, where.port, networks)
             # the key None: the one client of literal addresses, with no pins
@@ -163,10 +164,6 @@ class PyreqwestTransport(Transport):
         reason = verdict[1]
         if reason is not None:
             raise EgressRefused(reason, host, address, port)
-
-    def _unsendable(self, url: str, networks: tuple[IPNetwork, ...]) -> RequestError:
-        """Why a URL reqwest would not even parse is refused (a local spelling: as the guard refuses it)."""
-        return refusal_of_unparsable(url, networks, RequestError("InvalidURL", f"the client cannot send to {url}"))
 
     def _open(self, key: Any) -> Client:
         return self._build(None)
