@@ -241,6 +241,18 @@ def test_authorization_goes_only_to_the_origin_it_was_given_for(
     assert item["body"]["headers"].get("authorization") == forwarded
 
 
+@pytest.mark.parametrize("location", ["http://exa mple.com/", "http://[::1/", "http://a.example:99999/"])
+def test_a_location_the_client_cannot_parse_is_refused_as_such(
+    location: str, make_handler: Any, upstream: LocalUpstream
+) -> None:
+    """Not a URL to the client's parser, and no address in it: RedirectRefused, nothing sent after it."""
+    handler = make_handler(url=upstream.url, max_redirects=2)
+    _, body = post_batch(handler, {"requests": [redirect(location)]})
+    (item,) = body["responses"]
+    assert item["error"] == {"type": "RedirectRefused", "message": "the Location header is not a URL"}
+    assert upstream.stats.requests == 1
+
+
 def test_a_redirect_loop_ends_as_too_many_redirects(make_handler: Any, upstream: LocalUpstream) -> None:
     handler = make_handler(url=upstream.url, max_redirects=4)
     _, body = post_batch(handler, {"requests": [{"id": "loop", "target": "up", "path": "/loop"}]})

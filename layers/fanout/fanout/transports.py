@@ -221,12 +221,14 @@ def refusal_of_unparsable(url: str, networks: tuple[IPNetwork, ...], otherwise: 
 
     try:
         parsed = URL(url, encoded=True)  # pragma: no mutate (encoded or not, the same host)
+        host = parsed.host or ""  # pragma: no mutate (no host is no address, whatever stands for it)
+        port = parsed.port or 0  # pragma: no mutate (http has a port); ValueError past 65535
     except ValueError:
         return otherwise
-    host = parsed.host or ""  # pragma: no mutate (no host is no address, whatever stands for it)
-    port = parsed.port or 0  # pragma: no mutate (http has a port)
+    if parse_address(host) is None:
+        return otherwise  # a name, never looked up: refused as what cannot be parsed
     reason = EgressPolicy.from_env(allowed_networks=networks).refusal(host, port)
-    if parse_address(host) is None or reason is None:
+    if reason is None:
         return otherwise
     refused = EgressRefused(reason, host, host, port)
     return RequestError(FORBIDDEN_ADDRESS, refused.public_message, internal=str(refused))
