@@ -227,11 +227,11 @@ def refusal_of_unparsable(url: str, networks: tuple[IPNetwork, ...], otherwise: 
         return otherwise
     if parse_address(host) is None:
         return otherwise  # a name, never looked up: refused as what cannot be parsed
-    reason = EgressPolicy.from_env(allowed_networks=networks).refusal(host, port)
-    if reason is None:
-        return otherwise
-    refused = EgressRefused(reason, host, host, port)
-    return RequestError(FORBIDDEN_ADDRESS, refused.public_message, internal=str(refused))
+    try:
+        EgressPolicy.from_env(allowed_networks=networks).check(host, host, port)
+    except EgressRefused as refused:
+        return forbidden(refused)
+    return otherwise
 
 
 def is_redirect(status: int, location: str | None) -> bool:
@@ -320,8 +320,11 @@ def causes(exc: BaseException) -> list[BaseException]:
 def refused_error(exc: BaseException) -> RequestError | None:
     """The ForbiddenAddress error if the egress guard refused anywhere inside `exc`, else None."""
     refused = next((e for e in causes(exc) if isinstance(e, EgressRefused)), None)
-    if refused is None:
-        return None
+    return None if refused is None else forbidden(refused)
+
+
+def forbidden(refused: EgressRefused) -> RequestError:
+    """The guard's refusal as the API names it: the reason for the caller, the address for the logs."""
     return RequestError(FORBIDDEN_ADDRESS, refused.public_message, internal=str(refused))
 
 
