@@ -31,11 +31,13 @@ PIN_TTL_S = 60.0  # pragma: no mutate (a choice of how long, not a rule a test c
 
 
 class Destination(NamedTuple):
-    """A URL's host and port as the client reads them; `address` is set when the host is a literal."""
+    """A URL's host and port as the client reads them; `address` is set when the host is a literal.
+    `url` is the parsed URL itself, handed to the client so that it does not parse the text again."""
 
     host: str
     port: int
     address: str | None
+    url: Url
 
 
 #: The seed routes send one URL thousands of times: parsed once. Small, because /batch and jobs send a
@@ -49,9 +51,9 @@ def destination(url: str) -> Destination:
         raise ValueError(f"{url!r} has no host or port the client can connect to")
     bare = host[1:-1] if host.startswith("[") else host
     try:
-        return Destination(host, port, str(ipaddress.ip_address(bare)))
+        return Destination(host, port, str(ipaddress.ip_address(bare)), parsed)
     except ValueError:
-        return Destination(host, port, None)
+        return Destination(host, port, None, parsed)
 
 
 class Pin(NamedTuple):

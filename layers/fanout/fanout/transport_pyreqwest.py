@@ -1,8 +1,8 @@
 """pyreqwest (Rust's reqwest and hyper) behind the egress guard, by pinning.
 
 reqwest connects in Rust, where no Python hook can see the socket. So nothing it
-connects to is left to it: before a request goes out, `_client_for` reads the URL
-as reqwest will (fanout.pinning.destination) and
+connects to is left to it: before a request goes out, the URL is read as reqwest
+will read it (fanout.pinning.destination: reqwest is then handed that reading) and
 - a literal address is checked against the request's policy as it stands;
 - a name is looked up by us and every address of the answer is checked; the request
   then goes through that name's own client, built with the name pinned to the
@@ -41,7 +41,7 @@ from pyreqwest.exceptions import (
 
 from fanout.egress import EgressPolicy, EgressRefused, IPNetwork, Reason
 from fanout.engine import RequestError
-from fanout.pinning import Pins, destination
+from fanout.pinning import Destination, Pins, destination
 from fanout.transports import (
     CHUNK_BYTES,
     CONNECT_SHARE,
@@ -81,8 +81,9 @@ class PyreqwestTransport(Transport):
         async with self._slot(None):
             try:
                 networks = self._public_networks
-                client = self._ready_client(url, networks) or await self._client_for(url, networks)
-                async with client.get(url).build_streamed() as response:
+                where = _destination_of(url, networks)
+                client = self._ready_client(where, networks) or await self._client_for(where, networks)
+                async with client.get(where.url).build_streamed() as response:
                     return response.status, _retry_after(response)  # its body: see the module's docstring
             except RequestError:
                 raise
@@ -90,10 +91,11 @@ class PyreqwestTransport(Transport):
                 raise _request_error(exc) from exc
 
     async def _exchange(self, hop: Hop) -> UpstreamResponse:
-        text = str(hop.url)
         try:
-            client = self._ready_client(text, hop.networks) or await self._client_for(text, hop.networks)
-            request = client.request(hop.method, text).headers(hop.headers).timeout(timedelta(seconds=hop.timeout_s))
+            where = _destination_of(str(hop.url), hop.networks)
+            client = self._ready_client(where, hop.networks) or await self._client_for(where, hop.networks)
+            request = client.request(hop.method, where.url).headers(hop.headers)
+            request = request.timeout(timedelta(seconds=hop.timeout_s))
             if hop.body is not None:
                 request = request.body_bytes(hop.body)
             async with request.build_streamed() as response:
@@ -109,14 +111,9 @@ class PyreqwestTransport(Transport):
         except Exception as exc:
             raise _request_error(exc) from exc
 
-    def _ready_client(self, url: str, networks: tuple[IPNetwork, ...]) -> Client | None:
+    def _ready_client(self, where: Destination, networks: tuple[IPNetwork, ...]) -> Client | None:
         """The fast path of `_client_for`, without a coroutine: None when a name's answer must be looked up.
         Called with a slot held, so on the loop the clients belong to."""
-        try:
-            where = destination(url)
-        except ValueError as exc:  # a URL reqwest would not even parse: a local spelling is refused as such
-            unsendable = RequestError("InvalidURL", f"the client cannot send to {url}")
-            raise refusal_of_unparsable(url, networks, unsendable) from exc
         if where.address is not None:
             self._check(where.host, where.address, where.port, networks)
             # the key None: the one client of literal addresses, with no pins
@@ -128,9 +125,9 @@ class PyreqwestTransport(Transport):
             self._check(where.host, address, where.port, networks)
         return self._clients[where.host]  # pragma: no mutate (None: _client_for gives this client)
 
-    async def _client_for(self, url: str, networks: tuple[IPNetwork, ...]) -> Client:
-        """The client to send `url` with, once where it would connect is allowed; else EgressRefused."""
-        where = destination(url)  # _ready_client parsed it: a literal never gets here
+    async def _client_for(self, where: Destination, networks: tuple[IPNetwork, ...]) -> Client:
+        """The client to send to `where` (a name: a literal never gets here), once where it would connect
+        is allowed; else EgressRefused."""
         pin = await self._pins.get(where.host)
         for address in pin.addresses:
             self._check(where.host, address, where.port, networks)
@@ -226,6 +223,16 @@ def _last_value(headers: Any, name: str) -> str:
         return str(headers.getall(name)[-1])
     except ValueError:
         return "\ufffd"
+
+
+def _destination_of(url: str, networks: tuple[IPNetwork, ...]) -> Destination:
+    """Where the client would connect for `url`. A URL reqwest would not even parse is refused; as
+    ForbiddenAddress when its host spells an address the policy refuses."""
+    try:
+        return destination(url)
+    except ValueError as exc:
+        unsendable = RequestError("InvalidURL", f"the client cannot send to {url}")
+        raise refusal_of_unparsable(url, networks, unsendable) from exc
 
 
 def _retry_after(response: Any) -> str | None:
