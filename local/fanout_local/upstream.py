@@ -87,7 +87,7 @@ class LocalUpstream:
         self.exact_sleeper = ExactSleeper() if exact_delays else None
         self.delay_lateness_s: deque[float] = deque(maxlen=100_000)
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # each connection's task
 
     @property
     def url(self) -> str:
@@ -104,16 +104,22 @@ class LocalUpstream:
         if self._server is not None:
             self._server.close()
             # Hanging requests and idle keep-alive connections would keep wait_closed() waiting.
-            for task in self._connections:
+            connections = dict(self._connections)
+            for task in connections:
                 task.cancel()
-            await asyncio.gather(*self._connections, return_exceptions=True)
+            await asyncio.gather(*connections, return_exceptions=True)
+            # A cancelled connection's close waits for its unsent bytes (an endless body the client cut
+            # off or stopped reading): a write still pending hangs uvloop's close, or fails it (EBUSY).
+            for writer in connections.values():
+                writer.transport.abort()
+            await asyncio.gather(*(writer.wait_closed() for writer in connections.values()), return_exceptions=True)
             await self._server.wait_closed()
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections[task] = writer
         try:
             while True:
                 try:
@@ -142,7 +148,7 @@ class LocalUpstream:
                 if not keep_alive:
                     return
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             writer.close()
 
     async def _respond(self, request: Request, writer: asyncio.StreamWriter, keep_alive: bool) -> bool:
