@@ -41,14 +41,19 @@ class Destination(NamedTuple):
 
 
 #: The seed routes send one URL thousands of times: parsed once. Small, because /batch and jobs send a
-#: new URL per item, and a large cache would only keep callers' paths and queries alive.
+#: new URL per item (already parsed: `parsed_destination`), and a large cache would only keep callers'
+#: paths and queries alive.
 @functools.lru_cache(maxsize=16)  # pragma: no mutate (a size, not a rule)
 def destination(url: str) -> Destination:
     """Where the client would connect for `url`; ValueError when it would not take the URL at all."""
-    parsed = Url(url)
+    return parsed_destination(Url(url))
+
+
+def parsed_destination(parsed: Url) -> Destination:
+    """Where the client would connect for a URL its parser has read; ValueError without a host or port."""
     host, port = parsed.host_str, parsed.port_or_known_default
     if host is None or port is None:
-        raise ValueError(f"{url!r} has no host or port the client can connect to")
+        raise ValueError(f"{str(parsed)!r} has no host or port the client can connect to")
     bare = host[1:-1] if host.startswith("[") else host
     try:
         return Destination(host, port, str(ipaddress.ip_address(bare)), parsed)

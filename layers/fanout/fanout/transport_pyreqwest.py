@@ -38,10 +38,11 @@ from pyreqwest.exceptions import (
     RequestTimeoutError,
     WriteError,
 )
+from pyreqwest.http import Url
 
 from fanout.egress import EgressPolicy, EgressRefused, IPNetwork, Reason
 from fanout.engine import RequestError
-from fanout.pinning import Destination, Pins, destination
+from fanout.pinning import Destination, Pins, destination, parsed_destination
 from fanout.transports import (
     CHUNK_BYTES,
     CONNECT_SHARE,
@@ -92,7 +93,7 @@ class PyreqwestTransport(Transport):
 
     async def _exchange(self, hop: Hop) -> UpstreamResponse:
         try:
-            where = _destination_of(str(hop.url), hop.networks)
+            where = _destination_of(hop.url, hop.networks)
             client = self._ready_client(where, hop.networks) or await self._client_for(where, hop.networks)
             request = client.request(hop.method, where.url).headers(hop.headers)
             request = request.timeout(timedelta(seconds=hop.timeout_s))
@@ -225,14 +226,14 @@ def _last_value(headers: Any, name: str) -> str:
         return "\ufffd"
 
 
-def _destination_of(url: str, networks: tuple[IPNetwork, ...]) -> Destination:
-    """Where the client would connect for `url`. A URL reqwest would not even parse is refused; as
-    ForbiddenAddress when its host spells an address the policy refuses."""
+def _destination_of(url: str | Url, networks: tuple[IPNetwork, ...]) -> Destination:
+    """Where the client would connect for `url` (text, or a hop's URL already parsed). A URL reqwest would
+    not even parse is refused; as ForbiddenAddress when its host spells an address the policy refuses."""
     try:
-        return destination(url)
+        return destination(url) if isinstance(url, str) else parsed_destination(url)
     except ValueError as exc:
         unsendable = RequestError("InvalidURL", f"the client cannot send to {url}")
-        raise refusal_of_unparsable(url, networks, unsendable) from exc
+        raise refusal_of_unparsable(str(url), networks, unsendable) from exc
 
 
 def _retry_after(response: Any) -> str | None:
