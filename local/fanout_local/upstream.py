@@ -87,7 +87,7 @@ class LocalUpstream:
         self.exact_sleeper = ExactSleeper() if exact_delays else None
         self.delay_lateness_s: deque[float] = deque(maxlen=100_000)
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # each connection's task
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # each connection: its task, its writer
 
     @property
     def url(self) -> str:
