@@ -20,8 +20,10 @@ mechanisms, each after a published design:
    along a CUBIC curve (RFC 8312). The
    rate after a throttle comes from what the target served: the most successes over any
    window of the episode, less those a full bucket gives for free (counted in the first
-   episode), per second: a lower bound of the target's rate that is tight for a token
-   bucket. Until the second throttle it grows by `DISCOVERY_GROWTH` each
+   episode), per second: a lower bound of the target's rate, tight for a token bucket
+   when the window is long against what the first episode counted as its bucket (at
+   500/s that count holds the tokens refilled during those 20 ms, and the search's last
+   0.1-0.2 s reads 8 to 34 % low: README, "Politeness"). Until the second throttle it grows by `DISCOVERY_GROWTH` each
    `DISCOVERY_STEP_S` to find that rate; a throttle too early in a paced episode to
    measure by cuts the rate by at most `EARLY_THROTTLE_FACTOR` (`_rate_found`). Starts
    are paced by GCRA (virtual scheduling).
