@@ -23,10 +23,10 @@ mechanisms, each after a published design:
    episode), per second: a lower bound of the target's rate, tight for a token bucket
    when the window is long against what the first episode counted as its bucket (at
    500/s that count holds the tokens refilled during those 20 ms, and the search's last
-   0.1-0.2 s reads 8 to 34 % low: README, "Politeness"). Until the second throttle it grows by `DISCOVERY_GROWTH` each
-   `DISCOVERY_STEP_S` to find that rate; a throttle too early in a paced episode to
-   measure by cuts the rate by at most `EARLY_THROTTLE_FACTOR` (`_rate_found`). Starts
-   are paced by GCRA (virtual scheduling).
+   0.1-0.2 s reads 8 to 34 % low: README, "Politeness"). Until the second throttle it
+   grows by `DISCOVERY_GROWTH` each `DISCOVERY_STEP_S` to find that rate; a throttle too
+   early in a paced episode to measure by cuts the rate by at most
+   `EARLY_THROTTLE_FACTOR` (`_rate_found`). Starts are paced by GCRA (virtual scheduling).
 3. Pause: `Retry-After` (seconds or a date) stops the whole target until then; requests
    wait at `admit` instead of drawing more 429s. A pause past the caller's deadline is
    `TargetPaused` at once.
