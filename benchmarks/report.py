@@ -1,4 +1,4 @@
-"""Turn one benchmark run into benchmarks/results/{results.md,results.json,time_vs_n.png}."""
+"""Turn one benchmark run into benchmarks/results/{results.md,results.json,time_vs_n.png,performance.png}."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ TRANSPORT_ORDER = [
 ]
 #: The transport the service ships by default (fanout.settings): the one the targets are about.
 SHIPPED = "pyreqwest"
+#: The figure of the CPU, delay chain and cold start ratios (beside time_vs_n.png).
+PERFORMANCE_PLOT = "performance.png"
 
 
 def _ms(seconds: float) -> str:
@@ -152,6 +154,70 @@ def write_plot(rows: list[Any], path: Path) -> None:
     axes[-1].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+
+
+def write_performance_plot(cpu: dict[str, Any], chain: dict[str, Any], cold: dict[str, Any], path: Path) -> None:
+    """The paired ratios the performance targets are read from, each configuration against its line:
+    client CPU per request and the delay chain (raw clients beside the handler, in the same rounds) and
+    the cold start (against the hello-world). Medians with their IQR, the targets dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def ratios(block: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+        return {
+            name: (value["ratio_median"], *value["ratio_iqr"])
+            for name, value in block.items()
+            if isinstance(value, dict) and "ratio_median" in value
+        }
+
+    limit_ms = math.ceil(chain["n"] / chain["k"]) * chain["latency_ms"]
+    efficiency = {  # a longer wall is a lower efficiency: the IQR's ends swap
+        name: (limit_ms / value["wall_ms"], limit_ms / value["wall_iqr_ms"][1], limit_ms / value["wall_iqr_ms"][0])
+        for name, value in chain.items()
+        if isinstance(value, dict) and "wall_ms" in value
+    }
+    shipped_cold = {name.split(",")[0]: value for name, value in cold["import_ms"].items() if "precompiled" in name}
+    panels = [
+        (ratios(cpu), 0.5, f"client CPU per request, x raw aiohttp\n(N={cpu['n']}, k={cpu['k']}, 0 ms; target 0.5)"),
+        (
+            efficiency,
+            0.95,
+            f"delay chain: {limit_ms} ms / wall time\n"
+            f"(N={chain['n']}, k={chain['k']}, {chain['latency_ms']} ms; target 0.95)",
+        ),
+        (ratios(shipped_cold), 1.1, "cold start, x a FastAPI + Mangum\nhello-world (sam build; target 1.1)"),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(16, 4.5))
+    for axis, (values, line, title) in zip(axes, panels, strict=True):
+        names = list(values)
+        medians = [values[name][0] for name in names]
+        spreads = [
+            [median - low for median, low, _ in values.values()],
+            [high - median for median, _, high in values.values()],
+        ]
+        colours = ["tab:orange" if name.startswith(("handler", "fanout")) else "tab:blue" for name in names]
+        axis.barh([_plot_label(name) for name in names], medians, xerr=spreads, color=colours, capsize=3)
+        axis.axvline(line, color="black", linestyle="--", linewidth=1)
+        axis.invert_yaxis()
+        axis.set_title(title, fontsize=10)
+        axis.grid(True, axis="x", alpha=0.3)
+    axes[1].set_xlim(min(v[1] for v in efficiency.values()) - 0.02, 1.0)
+    figure.suptitle("through the real handler (orange) and the raw clients, paired rounds of one run", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def _plot_label(configuration: str) -> str:
+    """`aiohttp+uvloop` as "raw aiohttp, uvloop", `handler+aiohttp` as "handler, aiohttp", "fanout X" as X."""
+    if " " in configuration:  # a cold start's function
+        return configuration.removeprefix("fanout ")
+    if configuration == "handler":
+        return "handler (shipped)"
+    what, _, how = configuration.partition("+")
+    label = what if what == "handler" else f"raw {what}"
+    return f"{label}, {how}" if how else label
 
 
 def politeness_targets(polite: dict[str, Any]) -> list[str]:
@@ -358,6 +424,8 @@ def write_report(
     from run import rows_to_json
 
     write_plot(rows, out / "time_vs_n.png")
+    if cpu and chain:
+        write_performance_plot(cpu, chain, cold, out / PERFORMANCE_PLOT)
     shipped_cold = {name: v for name, v in cold["import_ms"].items() if name.endswith("(sam build)")}
     cold_ms = max(v["median"] for v in shipped_cold.values())
     handler_overhead = max(r["overhead_ms"] for r in service if r["path"] == "Mangum handler")
