@@ -200,6 +200,7 @@ def write_performance_plot(cpu: dict[str, Any], chain: dict[str, Any], cold: dic
         colours = ["tab:orange" if name.startswith(("handler", "fanout")) else "tab:blue" for name in names]
         axis.barh([_plot_label(name) for name in names], medians, xerr=spreads, color=colours, capsize=3)
         axis.axvline(line, color="black", linestyle="--", linewidth=1)
+        axis.set_xlim(0, max(line, *(high for _, _, high in values.values())) * 1.08)
         axis.invert_yaxis()
         axis.set_title(title, fontsize=10)
         axis.grid(True, axis="x", alpha=0.3)
