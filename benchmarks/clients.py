@@ -42,8 +42,9 @@ CONFIGURATIONS = [
     "handler+aiohttp",
     "handler+asyncio",
 ]
-#: The delay chain: the shipped handler, its other transport, and the raw clients it is measured against.
-CHAIN_CONFIGURATIONS = ["aiohttp", "aiohttp+uvloop", "pyreqwest+uvloop", "handler", "handler+aiohttp"]
+#: The delay chain: the shipped handler, its other transport, and the raw clients it is measured against;
+#: "bare+uvloop" is benchmarks/bare_http.py, the floor of any client on this machine.
+CHAIN_CONFIGURATIONS = ["aiohttp", "aiohttp+uvloop", "pyreqwest+uvloop", "bare+uvloop", "handler", "handler+aiohttp"]
 
 #: A configuration's process: warm up, then one round per line on stdin; answers on lines that begin
 #: with "@@" (the handler's own log and metric lines share stdout, as on Lambda).
@@ -96,6 +97,15 @@ else:
             response = await client.get(url)
             await response.content()
             return response.status_code
+    elif name.startswith("bare"):
+        sys.path.insert(0, os.path.join(root, "benchmarks"))
+        from bare_http import BareClient
+
+        def open_client():
+            return BareClient(url)
+
+        async def get(client):
+            return await client.get()
     elif name.startswith("pyreqwest"):
         from pyreqwest.client import ClientBuilder
 

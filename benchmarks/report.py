@@ -216,6 +216,8 @@ def _plot_label(configuration: str) -> str:
         return configuration.removeprefix("fanout ")
     if configuration == "handler":
         return "handler (shipped)"
+    if configuration == "bare+uvloop":
+        return "bare client, uvloop (floor)"
     what, _, how = configuration.partition("+")
     label = what if what == "handler" else f"raw {what}"
     return f"{label}, {how}" if how else label
@@ -354,10 +356,12 @@ def chain_target(chain: dict[str, Any] | None, service: list[dict[str, Any]]) ->
         efficiency = math.ceil(row["n"] / row["k"]) * row["latency_ms"] / row["wall_ms"]
         return target_row(what, f"{efficiency:.3f} ({row['wall_ms']:.1f} ms)", efficiency >= 0.95)
     handler, floor = chain["handler"], chain["aiohttp"]
+    bare = chain.get("bare+uvloop")  # runs before 11-28 23:40 had no bare client
     return target_row(
         f"{what} ({chain['rounds']} interleaved rounds)",
         f"{handler['efficiency']:.3f} ({handler['wall_ms']:.1f} ms); raw aiohttp {floor['efficiency']:.3f} in the same"
-        f" rounds, the handler {handler['ratio_median']:.3f}x its time",
+        f" rounds, the handler {handler['ratio_median']:.3f}x its time"
+        + (f"; the bare client (this machine's floor) {bare['efficiency']:.3f}" if bare else ""),
         handler["efficiency"] >= 0.95,
     )
 
