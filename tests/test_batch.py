@@ -473,6 +473,21 @@ def test_an_error_at_the_deadline_is_reported_as_the_deadlines() -> None:
     assert result.concurrency == 1  # one after another
 
 
+def test_an_error_at_the_deadline_is_the_deadlines_however_the_loop_rounds_its_timers() -> None:
+    """On uvloop (the function's loop) timers fire up to a millisecond early by time.monotonic(), which
+    the runner's cut reads: budgets where that rounding falls either way, each item still the deadline's."""
+
+    async def first_error(budget_s: float) -> str | None:
+        runner = stand_in_runner(SwallowingTransport(), ceiling=10)  # a new target each: no circuit opens
+        result = await runner.run(
+            stand_in_items(1), strategy=Strategy.SYNC, concurrency=1, budget_s=budget_s, fail_fast=False
+        )
+        return result.reports[0].error
+
+    errors = [run(first_error(0.003 + step % 8 * 0.0007)) for step in range(40)]
+    assert errors == ["DeadlineExceeded"] * 40
+
+
 class HangingTransport:
     async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
         await asyncio.sleep(10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -259,6 +260,34 @@ def test_an_error_at_the_deadline_is_the_deadlines_and_nothing_starts_after_it()
     result = run(fan_out(send, n=3, strategy=Strategy.SYNC, concurrency=1, deadline_s=0.2))
     assert result.outcomes == [Outcome(error=DEADLINE_EXCEEDED)] + [Outcome(skipped=SKIPPED_DEADLINE)] * 2
     assert result.elapsed_s < 5
+
+
+def test_the_deadline_cancels_no_sooner_than_the_clock_its_checks_read() -> None:
+    """The function's loop is uvloop, whose timers run on a millisecond clock and fire up to about a
+    millisecond before time.monotonic() reaches their deadline (nearly half of them, here). The
+    deadline's checks read time.monotonic(), so a cancellation before it made an error at the deadline
+    the client's own: the cancellation must wait for that clock."""
+    assert type(asyncio.new_event_loop()).__module__.startswith("uvloop")  # conftest's policy, as on Lambda
+    cancelled_early: list[float] = []
+
+    async def send(index: int) -> int:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled_early.append(not_before - time.monotonic())
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+            raise RequestError("ReadTimeout", "the client's own timer") from None
+        return 200
+
+    outcomes = []
+    for attempt in range(40):
+        deadline_s = 0.003 + attempt % 8 * 0.0007  # where a millisecond clock rounds either way
+        not_before = time.monotonic() + deadline_s
+        outcomes += run(fan_out(send, n=1, strategy=Strategy.SYNC, concurrency=1, deadline_s=deadline_s)).outcomes
+    assert [early for early in cancelled_early if early > 0] == []
+    assert outcomes == [Outcome(error=DEADLINE_EXCEEDED)] * 40
 
 
 def test_the_vocabulary_is_fixed() -> None:

@@ -120,18 +120,22 @@ async def fan_out(
                 await asyncio.sleep(0)
 
     begun = time.perf_counter()
-    # asyncio.timeout cancels what is in flight at the deadline. A client whose own timer fires
+    # The timeout cancels what is in flight at the deadline. A client whose own timer fires
     # in the same instant can turn that cancellation into its own timeout error (aiohttp's
     # TimerContext does), so nothing starts past `ends` whatever became of the cancellation.
     ends = time.monotonic() + deadline_s
     try:
-        async with asyncio.timeout(deadline_s):
-            shared = [(iter(lane), count) for lane, count in plan]
-            workers = [work(pending) for pending, count in shared for _ in range(count)]
-            if len(workers) == 1:
-                await workers[0]
-            else:
-                await asyncio.gather(*workers)
+        async with asyncio.timeout(None) as timer:
+            disarm = _expire_once_past(timer, ends)
+            try:
+                shared = [(iter(lane), count) for lane, count in plan]
+                workers = [work(pending) for pending, count in shared for _ in range(count)]
+                if len(workers) == 1:
+                    await workers[0]
+                else:
+                    await asyncio.gather(*workers)
+            finally:
+                disarm()
     except TimeoutError:
         pass  # what did not finish is reported below, not lost
     elapsed = time.perf_counter() - begun
@@ -145,6 +149,29 @@ async def fan_out(
     ]
     used = 1 if strategy is Strategy.SYNC else min(n, concurrency)
     return FanoutResult(strategy=strategy, concurrency=used, elapsed_s=elapsed, outcomes=final)
+
+
+def _expire_once_past(timer: asyncio.Timeout, ends: float) -> Callable[[], None]:
+    """Expire `timer` once time.monotonic() has reached `ends`, never before; returns what disarms it.
+
+    Every check of a deadline reads time.monotonic() (the engine's `ends`, fanout.batch's cut). uvloop's
+    timers run on libuv's millisecond clock and fire up to about a millisecond before that clock gets
+    there (nearly half of them, measured here), so a timeout at `ends` cancelled calls the checks still
+    saw inside it, and an error at the deadline was reported as the client's own. A timer that fires
+    early is set again for what is left.
+    """
+    loop = asyncio.get_running_loop()
+
+    def expire_if_due() -> None:
+        nonlocal pending
+        left = ends - time.monotonic()
+        if left > 0:
+            pending = loop.call_later(left, expire_if_due)
+        else:
+            timer.reschedule(loop.time())  # now: the timeout cancels on the loop's next pass
+
+    pending = loop.call_later(ends - time.monotonic(), expire_if_due)
+    return lambda: pending.cancel()
 
 
 async def _attempt(send: Callable[[int], Awaitable[T]], index: int) -> Outcome[T]:
