@@ -267,7 +267,7 @@ def test_the_deadline_cancels_no_sooner_than_the_clock_its_checks_read() -> None
     millisecond before time.monotonic() reaches their deadline (nearly half of them, here). The
     deadline's checks read time.monotonic(), so a cancellation before it made an error at the deadline
     the client's own: the cancellation must wait for that clock."""
-    assert type(asyncio.new_event_loop()).__module__.startswith("uvloop")  # conftest's policy, as on Lambda
+    assert type(asyncio.get_event_loop_policy()).__module__.startswith("uvloop")  # conftest's, as on Lambda
     cancelled_early: list[float] = []
 
     async def send(index: int) -> int:
