@@ -166,23 +166,20 @@ def write_performance_plot(cpu: dict[str, Any], chain: dict[str, Any], cold: dic
     import matplotlib.pyplot as plt
 
     def ratios(block: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
-        return {
-            name: (value["ratio_median"], *value["ratio_iqr"])
-            for name, value in block.items()
-            if isinstance(value, dict) and "ratio_median" in value
-        }
+        return {name: (block[name]["ratio_median"], *block[name]["ratio_iqr"]) for name in _configurations(block)}
 
     limit_ms = math.ceil(chain["n"] / chain["k"]) * chain["latency_ms"]
-    efficiency = {  # a longer wall is a lower efficiency: the IQR's ends swap
-        name: (limit_ms / value["wall_ms"], limit_ms / value["wall_iqr_ms"][1], limit_ms / value["wall_iqr_ms"][0])
-        for name, value in chain.items()
-        if isinstance(value, dict) and "wall_ms" in value
-    }
+
+    def efficiency(measured: dict[str, Any]) -> tuple[float, float, float]:
+        first, third = measured["wall_iqr_ms"]  # a longer wall is a lower efficiency: the IQR's ends swap
+        return limit_ms / measured["wall_ms"], limit_ms / third, limit_ms / first
+
+    efficiencies = {name: efficiency(chain[name]) for name in _configurations(chain)}
     shipped_cold = {name.split(",")[0]: value for name, value in cold["import_ms"].items() if "precompiled" in name}
     panels = [
         (ratios(cpu), 0.5, f"client CPU per request, x raw aiohttp\n(N={cpu['n']}, k={cpu['k']}, 0 ms; target 0.5)"),
         (
-            efficiency,
+            efficiencies,
             0.95,
             f"delay chain: {limit_ms} ms / wall time\n"
             f"(N={chain['n']}, k={chain['k']}, {chain['latency_ms']} ms; target 0.95)",
@@ -191,23 +188,27 @@ def write_performance_plot(cpu: dict[str, Any], chain: dict[str, Any], cold: dic
     ]
     figure, axes = plt.subplots(1, len(panels), figsize=(16, 4.5))
     for axis, (values, line, title) in zip(axes, panels, strict=True):
-        names = list(values)
-        medians = [values[name][0] for name in names]
+        medians, lows, highs = zip(*values.values(), strict=True)
         spreads = [
-            [median - low for median, low, _ in values.values()],
-            [high - median for median, _, high in values.values()],
+            [m - low for m, low in zip(medians, lows, strict=True)],
+            [h - m for m, h in zip(medians, highs, strict=True)],
         ]
-        colours = ["tab:orange" if name.startswith(("handler", "fanout")) else "tab:blue" for name in names]
-        axis.barh([_plot_label(name) for name in names], medians, xerr=spreads, color=colours, capsize=3)
+        colours = ["tab:orange" if name.startswith(("handler", "fanout")) else "tab:blue" for name in values]
+        axis.barh([_plot_label(name) for name in values], medians, xerr=spreads, color=colours, capsize=3)
         axis.axvline(line, color="black", linestyle="--", linewidth=1)
-        axis.set_xlim(0, max(line, *(high for _, _, high in values.values())) * 1.08)
+        axis.set_xlim(0, max(line, *highs) * 1.08)
         axis.invert_yaxis()
         axis.set_title(title, fontsize=10)
         axis.grid(True, axis="x", alpha=0.3)
-    axes[1].set_xlim(min(v[1] for v in efficiency.values()) - 0.02, 1.0)
+    axes[1].set_xlim(min(low for _, low, _ in efficiencies.values()) - 0.02, 1.0)
     figure.suptitle("through the real handler (orange) and the raw clients, paired rounds of one run", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+
+
+def _configurations(block: dict[str, Any]) -> list[str]:
+    """The configurations measured in a CPU or delay chain block (its other keys are the run's settings)."""
+    return [name for name, value in block.items() if isinstance(value, dict) and "ratio_median" in value]
 
 
 def _plot_label(configuration: str) -> str:
@@ -324,7 +325,7 @@ def cpu_targets(cpu: dict[str, Any], memory: dict[str, Any]) -> list[str]:
 
 
 def cpu_table(cpu: dict[str, Any]) -> list[str]:
-    names = [name for name in cpu if isinstance(cpu[name], dict) and "ratio_median" in cpu[name]]
+    names = _configurations(cpu)
     return [
         f"## Client CPU per request (semaphore, N={cpu['n']}, k={cpu['k']}, 0 ms upstream, {cpu['rounds']} rounds)",
         "",
@@ -367,7 +368,7 @@ def chain_target(chain: dict[str, Any] | None, service: list[dict[str, Any]]) ->
 
 
 def chain_table(chain: dict[str, Any]) -> list[str]:
-    names = [name for name in chain if isinstance(chain[name], dict) and "ratio_median" in chain[name]]
+    names = _configurations(chain)
     limit_ms = math.ceil(chain["n"] / chain["k"]) * chain["latency_ms"]
     return [
         f"## The delay chain (semaphore, N={chain['n']}, k={chain['k']}, {chain['latency_ms']} ms upstream,"
