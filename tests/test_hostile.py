@@ -31,6 +31,9 @@ DEADLINE_S = 3.0
 SLACK_S = 2.0  # process start of the invocation, writing and posting the answer: generous on a shared host
 MEMORY_BOUND_MB = 48  # growth of the peak RSS during one call (a 50 MB body read whole would be 50 times over)
 
+#: A 429 that pauses the target for 30 s, which a warm container keeps (fanout.politeness): this case
+#: gets a container of its own, so that the others pass in any order.
+PAUSES_THE_TARGET = "/retry-after?key=hostile&fail=1000000&s=30"
 #: (hostile path, what a seed route reports for it, what /batch reports): a status, or an error's type.
 HOSTILE: list[tuple[str, int | str, int | str]] = [
     ("/hang", "ReadTimeout", "ReadTimeout"),
@@ -51,8 +54,7 @@ HOSTILE: list[tuple[str, int | str, int | str]] = [
     ("/many-headers?n=10000", "RemoteProtocolError", "RemoteProtocolError"),
     ("/non-utf8", 200, 200),
     ("/loop", 302, "TooManyRedirects"),
-    # Last: it pauses the target for 30 s, and a warm container keeps the pause (fanout.politeness).
-    ("/retry-after?key=hostile&fail=1000000&s=30", 429, 429),
+    (PAUSES_THE_TARGET, 429, 429),
 ]
 SEED_ROUTES = {
     "SyncFunction": ("sync-http-api-v2.json", "/sync/2", {"n": "2"}),
@@ -79,25 +81,27 @@ def hostile_upstream() -> Iterator[LocalUpstream]:
 
 @pytest.fixture(scope="module")
 def functions(built: Path, hostile_upstream: LocalUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One warm process per route, started on first use."""
+    """One warm process per route, started on first use; `alone=True`: a second one, for the case that
+    leaves its container changed."""
     ric = Path(os.environ.get("FANOUT_LAMBDA_RIC", ""))
     if not (ric / "awslambdaric").is_dir() or runtime_python() is None:
         pytest.skip("awslambdaric for python3.13 not installed: run the tests with `make test`")
     scratch = tmp_path_factory.mktemp("hostile")
-    running: dict[str, tuple[Any, LambdaProcess]] = {}
+    running: dict[tuple[str, bool], tuple[Any, LambdaProcess]] = {}
     target = {"url": hostile_upstream.url, "allow_http": True, "max_redirects": 2}
     upstreams = json.dumps({"up": target, "hostile": target})  # the same server, its own politeness
     env = {**COMMON_ENV, "FANOUT_TARGET_URL": f"{hostile_upstream.url}/mode", "FANOUT_UPSTREAMS": upstreams}
 
-    def get(function: str) -> LambdaProcess:
-        if function not in running:
+    def get(function: str, *, alone: bool = False) -> LambdaProcess:
+        key = (function, alone)
+        if key not in running:
             context = lambda_process(built, function, ric=ric, python=str(runtime_python()), env=env, scratch=scratch)
             process = context.__enter__()
-            running[function] = (context, process)
+            running[key] = (context, process)
             hostile_upstream.mode = "/delay"
             # the first call's imports and pool are not the upstream's doing
             process.api.invoke(seed_event(function) if function in SEED_ROUTES else batch_event(WARM_UP))
-        return running[function][1]
+        return running[key][1]
 
     yield get
     for context, _ in running.values():
@@ -142,7 +146,7 @@ def seed_event(function: str) -> dict[str, Any]:
 def test_a_seed_route_answers_every_request_whatever_the_upstream_does(
     function: str, path: str, expected: int | str, _batch: Any, functions: Any, hostile_upstream: LocalUpstream
 ) -> None:
-    process = functions(function)
+    process = functions(function, alone=path == PAUSES_THE_TARGET)
     hostile_upstream.mode = path
     status, body, took, grew_mb = call(process, seed_event(function))
     n = int(SEED_ROUTES[function][2]["n"])
@@ -177,7 +181,7 @@ def test_a_batch_answers_every_item_whatever_one_upstream_does(
         "query": dict(p.split("=") for p in query.split("&") if p),
     }
     healthy = [{"id": f"ok{i}", "target": "up", "path": "/delay", "query": {"ms": 1}} for i in range(3)]
-    process = functions("BatchFunction")
+    process = functions("BatchFunction", alone=path == PAUSES_THE_TARGET)
     status, body, took, grew_mb = call(process, batch_event([healthy[0], hostile, *healthy[1:]]))
     assert status == 200
     assert [item["id"] for item in body["responses"]] == ["ok0", "hostile", "ok1", "ok2"]
