@@ -61,7 +61,8 @@ class RuntimeApi:
         self.init_failed = threading.Event()
         self.user_agents: list[str] = []  # of every request the API saw: the runtime client's, or a stray one
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # serve_forever checks for shutdown every poll_interval: its default (0.5 s) was most of a stop
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
 
     @property
     def address(self) -> str:
