@@ -1,6 +1,6 @@
 """Every route against a hostile upstream, run as Lambda runs it: an answer, every item, in time, in bounded memory.
 
-One warm function process per route (the built artifacts under awslambdaric), one
+A warm function process per route and case (the built artifacts under awslambdaric), one
 table of hostile answers (fanout_local.hostile and the upstream's faults). For each:
 the invocation is answered (no 5xx, nothing refused as too large), every request is
 accounted for with the expected status or error, the answer leaves within the
@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,6 @@ DEADLINE_S = 3.0
 SLACK_S = 2.0  # process start of the invocation, writing and posting the answer: generous on a shared host
 MEMORY_BOUND_MB = 48  # growth of the peak RSS during one call (a 50 MB body read whole would be 50 times over)
 
-#: A 429 that pauses the target for 30 s, which a warm container keeps (fanout.politeness): this case
-#: gets a container of its own, so that the others pass in any order.
-PAUSES_THE_TARGET = "/retry-after?key=hostile&fail=1000000&s=30"
 #: (hostile path, what a seed route reports for it, what /batch reports): a status, or an error's type.
 HOSTILE: list[tuple[str, int | str, int | str]] = [
     ("/hang", "ReadTimeout", "ReadTimeout"),
@@ -54,7 +52,7 @@ HOSTILE: list[tuple[str, int | str, int | str]] = [
     ("/many-headers?n=10000", "RemoteProtocolError", "RemoteProtocolError"),
     ("/non-utf8", 200, 200),
     ("/loop", 302, "TooManyRedirects"),
-    (PAUSES_THE_TARGET, 429, 429),
+    ("/retry-after?key=hostile&fail=1000000&s=30", 429, 429),  # pauses the target for 30 s
 ]
 SEED_ROUTES = {
     "SyncFunction": ("sync-http-api-v2.json", "/sync/2", {"n": "2"}),
@@ -66,8 +64,8 @@ COMMON_ENV = {
     "FANOUT_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
     "FANOUT_DEADLINE_S": str(DEADLINE_S),
     "FANOUT_MAX_ATTEMPTS": "2",
-    # One warm container meets every hostile answer in turn from one target: its circuit must not
-    # open on the failures of earlier cases (test_politeness covers the circuit).
+    # A case fails up to 12 attempts in a row (n=6, 2 attempts): the circuit must not open on them
+    # (test_politeness covers the circuit).
     "FANOUT_CIRCUIT_FAILURES": "100000",
     "LOG_LEVEL": "ERROR",
 }
@@ -79,33 +77,34 @@ def hostile_upstream() -> Iterator[LocalUpstream]:
         yield server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def functions(built: Path, hostile_upstream: LocalUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One warm process per route, started on first use; `alone=True`: a second one, for the case that
-    leaves its container changed."""
+    """Starts a route's function, warm; each case gets its own, stopped when the case ends.
+
+    A hostile answer can leave a container's politeness changed (fanout.politeness: a 503 lowers the
+    target's limit, a Retry-After pauses it, rounds slower than the target's baseline step the limit
+    down), and a warm container keeps that: in a container of its own, a case passes whichever ran
+    before it (after the 503 case, the timeout cases met a limit of 1 and the deadline cut them).
+    """
     ric = Path(os.environ.get("FANOUT_LAMBDA_RIC", ""))
     if not (ric / "awslambdaric").is_dir() or runtime_python() is None:
         pytest.skip("awslambdaric for python3.13 not installed: run the tests with `make test`")
     scratch = tmp_path_factory.mktemp("hostile")
-    running: dict[tuple[str, bool], tuple[Any, LambdaProcess]] = {}
     target = {"url": hostile_upstream.url, "allow_http": True, "max_redirects": 2}
     upstreams = json.dumps({"up": target, "hostile": target})  # the same server, its own politeness
     env = {**COMMON_ENV, "FANOUT_TARGET_URL": f"{hostile_upstream.url}/mode", "FANOUT_UPSTREAMS": upstreams}
 
-    def get(function: str, *, alone: bool = False) -> LambdaProcess:
-        key = (function, alone)
-        if key not in running:
+    with ExitStack() as running:
+
+        def start(function: str) -> LambdaProcess:
             context = lambda_process(built, function, ric=ric, python=str(runtime_python()), env=env, scratch=scratch)
-            process = context.__enter__()
-            running[key] = (context, process)
+            process = running.enter_context(context)
             hostile_upstream.mode = "/delay"
             # the first call's imports and pool are not the upstream's doing
             process.api.invoke(seed_event(function) if function in SEED_ROUTES else batch_event(WARM_UP))
-        return running[key][1]
+            return process
 
-    yield get
-    for context, _ in running.values():
-        context.__exit__(None, None, None)
+        yield start
 
 
 def call(function: LambdaProcess, event: dict[str, Any]) -> tuple[int, dict[str, Any], float, float]:
@@ -146,7 +145,7 @@ def seed_event(function: str) -> dict[str, Any]:
 def test_a_seed_route_answers_every_request_whatever_the_upstream_does(
     function: str, path: str, expected: int | str, _batch: Any, functions: Any, hostile_upstream: LocalUpstream
 ) -> None:
-    process = functions(function, alone=path == PAUSES_THE_TARGET)
+    process = functions(function)
     hostile_upstream.mode = path
     status, body, took, grew_mb = call(process, seed_event(function))
     n = int(SEED_ROUTES[function][2]["n"])
@@ -181,7 +180,7 @@ def test_a_batch_answers_every_item_whatever_one_upstream_does(
         "query": dict(p.split("=") for p in query.split("&") if p),
     }
     healthy = [{"id": f"ok{i}", "target": "up", "path": "/delay", "query": {"ms": 1}} for i in range(3)]
-    process = functions("BatchFunction", alone=path == PAUSES_THE_TARGET)
+    process = functions("BatchFunction")
     status, body, took, grew_mb = call(process, batch_event([healthy[0], hostile, *healthy[1:]]))
     assert status == 200
     assert [item["id"] for item in body["responses"]] == ["ok0", "hostile", "ok1", "ok2"]
