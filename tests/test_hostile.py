@@ -13,7 +13,7 @@ import copy
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,9 @@ def hostile_upstream() -> Iterator[LocalUpstream]:
 
 
 @pytest.fixture
-def functions(built: Path, hostile_upstream: LocalUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def warm_function(
+    built: Path, hostile_upstream: LocalUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], LambdaProcess]]:
     """Starts a route's function, warm; each case gets its own, stopped when the case ends.
 
     A hostile answer can leave a container's politeness changed (fanout.politeness: a 503 lowers the
@@ -143,9 +145,14 @@ def seed_event(function: str) -> dict[str, Any]:
 @pytest.mark.parametrize("function", list(SEED_ROUTES))
 @pytest.mark.parametrize(("path", "expected", "_batch"), HOSTILE)
 def test_a_seed_route_answers_every_request_whatever_the_upstream_does(
-    function: str, path: str, expected: int | str, _batch: Any, functions: Any, hostile_upstream: LocalUpstream
+    function: str,
+    path: str,
+    expected: int | str,
+    _batch: Any,
+    warm_function: Callable[[str], LambdaProcess],
+    hostile_upstream: LocalUpstream,
 ) -> None:
-    process = functions(function)
+    process = warm_function(function)
     hostile_upstream.mode = path
     status, body, took, grew_mb = call(process, seed_event(function))
     n = int(SEED_ROUTES[function][2]["n"])
@@ -170,7 +177,11 @@ def test_a_seed_route_answers_every_request_whatever_the_upstream_does(
 
 @pytest.mark.parametrize(("path", "_seed", "expected"), HOSTILE)
 def test_a_batch_answers_every_item_whatever_one_upstream_does(
-    path: str, _seed: Any, expected: int | str, functions: Any, hostile_upstream: LocalUpstream
+    path: str,
+    _seed: Any,
+    expected: int | str,
+    warm_function: Callable[[str], LambdaProcess],
+    hostile_upstream: LocalUpstream,
 ) -> None:
     target_path, _, query = path.partition("?")
     hostile = {
@@ -180,7 +191,7 @@ def test_a_batch_answers_every_item_whatever_one_upstream_does(
         "query": dict(p.split("=") for p in query.split("&") if p),
     }
     healthy = [{"id": f"ok{i}", "target": "up", "path": "/delay", "query": {"ms": 1}} for i in range(3)]
-    process = functions("BatchFunction")
+    process = warm_function("BatchFunction")
     status, body, took, grew_mb = call(process, batch_event([healthy[0], hostile, *healthy[1:]]))
     assert status == 200
     assert [item["id"] for item in body["responses"]] == ["ok0", "hostile", "ok1", "ok2"]
