@@ -44,7 +44,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 def api_server() -> Iterator[str]:
     Recorder.seen = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)  # stops in 20 ms, not 0.5 s
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/prod/"
     server.shutdown()
