@@ -2,8 +2,10 @@
 
 `RuntimeApi` serves the Lambda Runtime API (2018-06-01) on 127.0.0.1: `next`
 hands out the events `invoke` queues, with a deadline header; `response` takes
-the answer, refusing one over Lambda's 6 MB with a 413 as Lambda does; `error`
-and `init/error` record failures. `LambdaProcess` runs `python3.13 -S -m
+the answer, refusing one over Lambda's 6 MB with a 413 as Lambda does, and
+records one that comes after the deadline as timed out (Lambda would have ended
+the invocation, and the caller got nothing); `error` and `init/error` record
+failures. `LambdaProcess` runs `python3.13 -S -m
 awslambdaric app.handler` with Lambda's import paths (the function's code, then
 the layer's `python/`, then the runtime client, and no site-packages), so the
 artifacts of `sam build` are all the function has, as on Lambda.
@@ -37,8 +39,9 @@ class Invocation:
     timeout_s: float
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     done: threading.Event = field(default_factory=threading.Event)
-    outcome: str = ""  # "response", "error", or "too_large" (the runtime's post was refused)
+    outcome: str = ""  # "response", "error", "too_large" (the runtime's post was refused) or "timed_out"
     payload: bytes = b""
+    handed_out_at: float | None = None  # time.monotonic() when `next` gave it out: its timeout runs from then
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -96,6 +99,7 @@ class RuntimeApi:
                 if self.path != f"{PREFIX}/invocation/next":
                     return self._reply(404, {"errorMessage": f"no route {self.path}"})
                 invocation = api.pending.get()
+                invocation.handed_out_at = time.monotonic()
                 deadline_ms = int((time.time() + invocation.timeout_s) * 1000)
                 self.send_response(200)
                 self.send_header("Lambda-Runtime-Aws-Request-Id", invocation.request_id)
@@ -121,7 +125,12 @@ class RuntimeApi:
                     return self._reply(404, {"errorMessage": f"no route {self.path}"})
                 invocation = api.by_id[parts[1]]
                 invocation.payload = body
-                if parts[2] == "response" and len(body) > MAX_RESPONSE_BYTES:
+                handed_out_at = invocation.handed_out_at
+                if handed_out_at is not None and time.monotonic() - handed_out_at > invocation.timeout_s:
+                    # Lambda would have ended the invocation at its deadline; the runtime client just goes on
+                    invocation.outcome = "timed_out"
+                    self._reply(202, {"status": "OK"})
+                elif parts[2] == "response" and len(body) > MAX_RESPONSE_BYTES:
                     invocation.outcome = "too_large"
                     message = f"Exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes)."
                     self._reply(413, {"errorMessage": message, "errorType": "RequestEntityTooLarge"})

@@ -172,14 +172,14 @@ def test_a_target_at_the_runtime_api_is_refused_even_with_private_networks_allow
 def test_a_seed_route_answers_before_lambdas_remaining_time_runs_out(
     function: str, event: str, n: int, start: Any, upstream: LocalUpstream
 ) -> None:
-    """3 s left of the invocation, a 4 s upstream: the answer leaves in time, the requests cut by the deadline."""
+    """3 s left of the invocation, a 4 s upstream: the answer leaves in time, the requests cut by the deadline.
+    The 3 s run from when the runtime client took the event, as Lambda's do: the cold start before is not in
+    them (timed from the test's side, a cold start slowed by a busy machine once made it 3.01 s)."""
     process = start(function, FANOUT_TARGET_URL=f"{upstream.url}/delay?ms=4000", FANOUT_ALLOW_PRIVATE_NETWORKS="true")
-    started = time.monotonic()
     invocation = process.api.invoke(load_event(event), timeout_s=3)
-    took = time.monotonic() - started
+    assert invocation.outcome == "response"  # not "timed_out": Lambda would have ended it, the caller got nothing
     status, body = invocation.http
     assert status == 200
-    assert took < 3  # Lambda would have ended the invocation at 3 s, and the caller got nothing
     assert body["status_codes"] == [None] * n
     assert body["errors"] == [{"index": i, "error": "DeadlineExceeded"} for i in range(n)]
 
