@@ -177,8 +177,7 @@ def test_a_seed_route_answers_before_lambdas_remaining_time_runs_out(
     them (timed from the test's side, a cold start slowed by a busy machine once made it 3.01 s)."""
     process = start(function, FANOUT_TARGET_URL=f"{upstream.url}/delay?ms=4000", FANOUT_ALLOW_PRIVATE_NETWORKS="true")
     invocation = process.api.invoke(load_event(event), timeout_s=3)
-    assert invocation.outcome == "response"  # not "timed_out": Lambda would have ended it, the caller got nothing
-    status, body = invocation.http
+    status, body = invocation.http  # asserts a response in time: "timed_out" is what Lambda would have ended
     assert status == 200
     assert body["status_codes"] == [None] * n
     assert body["errors"] == [{"index": i, "error": "DeadlineExceeded"} for i in range(n)]
