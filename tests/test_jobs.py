@@ -9,32 +9,40 @@ local stack and the whole path end to end are test_jobs_local.py's.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import itertools
 import json
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from moto import mock_aws
 
 from conftest import ROOT, lambda_context, load_event
 from fanout import install_event_loop
-from fanout.batch import BatchRunner
+from fanout.batch import BatchRunner, ItemReport
+from fanout.batch_response import item_line
+from fanout.jobs import split as split_module
 from fanout.jobs.chunk import CHUNK_FAILED, INVALID_ITEM, ChunkBusy, ChunkContext, bury_chunk, finish_if_done, run_chunk
-from fanout.jobs.files import JobFiles, inline_key
+from fanout.jobs.files import JobFiles, Line, bounded_lines, inline_key
 from fanout.jobs.messages import RunChunk, SplitInput, decode, encode
 from fanout.jobs.split import SplitQueue, split_input
 from fanout.jobs.store import ChunkCounts, Claim, JobStore
 from fanout.politeness import Politeness
 from fanout.settings import Settings
-from fanout.transports import make_transport
+from fanout.transports import UpstreamResponse, make_transport
 from fanout_local.upstream import LocalUpstream
 
 REGION = "us-east-1"
 TABLE, INPUT, RESULTS = "jobs", "fanout-input", "fanout-results"
+LINE_CAP = 1024  # FANOUT_MAX_BODY_BYTES of the workers here: the longest line of an input (its least)
 
 
 def create_resources() -> dict[str, str]:
@@ -150,6 +158,7 @@ def settings_for(upstream: LocalUpstream, aws: dict[str, str], **more: Any) -> S
         results_bucket=RESULTS,
         chunk_queue_url=aws["chunks"],
         dead_letter_queue_arn=aws["dead_arn"],
+        max_body_bytes=LINE_CAP,
         **more,
     )
 
@@ -212,7 +221,9 @@ def queued(queue_url: str) -> list[Any]:
     return found
 
 
-def split(job_id: str, aws: dict[str, str], *, chunk_items: int = 3, max_items: int = 1000) -> list[RunChunk]:
+def split(
+    job_id: str, aws: dict[str, str], *, chunk_items: int = 3, max_items: int = 1000, max_line_bytes: int = LINE_CAP
+) -> list[RunChunk]:
     split_input(
         SplitInput(job_id=job_id, key=inline_key(job_id)),
         store=store(),
@@ -220,6 +231,7 @@ def split(job_id: str, aws: dict[str, str], *, chunk_items: int = 3, max_items: 
         queue=SplitQueue(boto3.client("sqs", region_name=REGION), aws["chunks"]),
         chunk_items=chunk_items,
         max_items=max_items,
+        max_line_bytes=max_line_bytes,
         now_ms=lambda: int(time.time() * 1000),
     )
     return [message for message in queued(aws["chunks"]) if isinstance(message, RunChunk)]
@@ -247,6 +259,55 @@ def test_messages_round_trip_and_refuse_what_is_not_ours() -> None:
             decode(body)
 
 
+# --- reading input files ------------------------------------------------------------------------------------
+
+
+def reference_lines(data: bytes, cap: int, offset: int = 0) -> list[Line]:
+    """What bounded_lines must give: each line of `data` (the last may lack its newline), None past the cap."""
+    pieces = data.split(b"\n")
+    if pieces[-1] == b"":
+        pieces.pop()  # the newline ended the last line; nothing follows it
+    lines = []
+    for piece in pieces:
+        lines.append(Line(offset, len(piece), piece if len(piece) <= cap else None))
+        offset += len(piece) + 1
+    return lines
+
+
+@given(
+    data=st.lists(st.sampled_from([b"a", b"bc", b" ", b"\n", b"\n\n", b"xyz" * 5]), max_size=60).map(b"".join),
+    cuts=st.lists(st.integers(0, 300), max_size=8),
+    cap=st.integers(0, 20),
+    offset=st.integers(0, 10**9),
+)
+def test_lines_come_out_whole_with_their_offsets_or_counted_past_the_cap(
+    data: bytes, cuts: list[int], cap: int, offset: int
+) -> None:
+    edges = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
+    blocks = [data[start:end] for start, end in itertools.pairwise(edges)]
+    assert list(bounded_lines(blocks, cap, offset=offset)) == reference_lines(data, cap, offset)
+
+
+def test_a_line_of_any_length_costs_a_block_and_a_line_cap_of_memory() -> None:
+    """A 64 MB input with no newline (an upload may be 5 GB of it): counted as it streams past, never
+    held, and never copied whole once per block (which made the split quadratic)."""
+    block = 1 << 20
+
+    def blocks() -> Iterator[bytes]:
+        for _ in range(64):
+            yield b"x" * block
+        yield b"\n" + b"y" * 10
+
+    tracemalloc.start()
+    try:
+        lines = list(bounded_lines(blocks(), 1 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines == [Line(0, 64 * block, None), Line(64 * block + 1, 10, b"y" * 10)]
+    assert peak < 5 * block
+
+
 # --- the split ----------------------------------------------------------------------------------------------
 
 
@@ -256,7 +317,7 @@ def test_the_split_covers_every_line_once_in_ranges_of_whole_lines(aws: dict[str
     job_id = new_job(lines)
     chunks = split(job_id, aws)
 
-    data = files().read_range(inline_key(job_id), 0, 10**9)
+    data = boto3.client("s3", region_name=REGION).get_object(Bucket=INPUT, Key=inline_key(job_id))["Body"].read()
     assert [chunk.index for chunk in chunks] == [0, 1, 2]
     assert [chunk.items for chunk in chunks] == [3, 3, 2]
     assert [chunk.first_line for chunk in chunks] == [1, 4, 8]
@@ -280,6 +341,72 @@ def test_a_split_past_the_job_limit_fails_the_job_saying_so(aws: dict[str, str])
     assert sum(chunk.items for chunk in chunks) == 4
     assert (job["status"], job["total"], job["chunks"]) == ("failed", 4, len(chunks))
     assert "more than 4 items" in job["error"]
+
+
+def test_a_line_past_the_cap_is_its_items_error_and_a_chunk_holds_a_bounded_share_of_the_input(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [json.dumps(item(i)) for i in range(6)]
+    lines.insert(3, json.dumps(item(99, body="x" * 5000)))  # past FANOUT_MAX_BODY_BYTES: never read whole
+    each = len(lines[0])
+    monkeypatch.setattr(split_module, "CHUNK_LINE_BYTES", 4 * each + 1)  # four lines a chunk, by bytes
+    job_id = new_job(lines)
+    chunks = split(job_id, aws, chunk_items=10)
+
+    assert [chunk.items for chunk in chunks] == [5, 2]  # i0-i2, the long line (held: none of it) and i3
+    assert [chunk.first_line for chunk in chunks] == [1, 6]
+    for chunk in chunks:
+        chunks_on(run_chunk, chunk, budget_s=10)
+    job = store().get(job_id)
+    assert job is not None
+    assert (job["status"], job["total"], job["succeeded"], job["failed"]) == ("succeeded", 7, 6, 1)
+    assert upstream.stats.requests == 6
+    results = results_of(job_id)
+    assert [line["id"] for line in results] == ["i0", "i1", "i2", "line 4", "i3", "i4", "i5"]
+    assert results[3]["error"] == {
+        "type": INVALID_ITEM,
+        "message": f"the line is {len(lines[3])} bytes; at most {LINE_CAP} (FANOUT_MAX_BODY_BYTES)",
+    }
+
+
+def test_results_lines_stay_near_their_bodies_size_whatever_the_upstream_sends(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
+) -> None:
+    """A text body that escapes to twice its size (quotes) or six times (control characters) is written
+    as base64: a chunk's results file is bounded by its bodies' cap, never six times it."""
+    job_id = new_job([json.dumps(item(0, path="/quotes", query={"n": 3000})), json.dumps(item(1, path="/delay"))])
+    (chunk,) = split(job_id, aws)
+    chunks_on(run_chunk, chunk, budget_s=10)
+
+    key = f"results/{job_id}/chunks/0000000.jsonl"
+    raw = boto3.client("s3", region_name=REGION).get_object(Bucket=RESULTS, Key=key)["Body"].read()
+    quotes, delay = (json.loads(line) for line in raw.splitlines())
+    assert (quotes["encoding"], base64.b64decode(quotes["body"])) == ("base64", b'"' * 3000)
+    assert len(raw.splitlines()[0]) < 4000 + 1000  # base64's 4/3, and the headers; escaped text was 6000+
+    assert "encoding" not in delay and isinstance(delay["body"], dict)  # JSON stays JSON
+
+
+HOSTILE_PIECES = [b'"', b"\x01", b"\\", b"\xe2\x80\xa8", b"a", b"[1,", b"1]", b"{}", b","]
+
+
+@given(
+    body=st.binary(max_size=400) | st.lists(st.sampled_from(HOSTILE_PIECES), max_size=200).map(b"".join),
+    content_type=st.sampled_from(["text/plain", "application/json", "application/octet-stream"]),
+    truncated=st.booleans(),
+)
+def test_a_results_line_gives_the_body_back_and_stays_near_its_size(
+    body: bytes, content_type: str, truncated: bool
+) -> None:
+    response = UpstreamResponse(200, {"content-type": content_type}, body, truncated)
+    line = item_line(ItemReport(id="i", attempts=1, elapsed_s=0.01, response=response), line=7)
+    written = json.loads(line)
+    assert (written["line"], written["id"], written["status"]) == (7, "i", 200)
+    if written.get("encoding") == "base64":
+        assert base64.b64decode(written["body"]) == body
+    elif content_type != "application/json" or truncated:
+        assert (written["body"] or "").encode() == body  # text, as it came
+    as_written = len(json.dumps(written["body"], ensure_ascii=False).encode())
+    assert as_written <= 1.5 * len(body) + 6  # base64's 4/3 (and its padding), JSON re-spaced ("[1,1]" -> "[1, 1]")
 
 
 # --- chunks ----------------------------------------------------------------------------------------------------

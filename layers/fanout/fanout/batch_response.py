@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -99,12 +100,24 @@ class _Item:
 
 
 def item_line(report: ItemReport, **first: Any) -> str:
-    """One item's JSON object on one line (a job's results), the `first` fields ahead of it."""
+    """One item's JSON object on one line (a job's results), the `first` fields ahead of it.
+
+    A text body that escaping would make longer than its base64 (control characters take six
+    bytes each) goes as base64: a line is then never much more than its body, so a chunk's
+    results file is bounded by its bodies' cap whatever an upstream sends."""
     item = _Item(report)
-    if first:
-        item.fields = {**first, **item.fields}
-        item.measure()
+    response = report.response
+    text = item.fields.get("body")
+    if response is not None and isinstance(text, str) and _escapes_past_base64(text, response.body):
+        item.fields.update(_decode_body(response.body, "", response.truncated, force="base64"))
+    item.fields = {**first, **item.fields}
+    item.measure()
     return item.text
+
+
+def _escapes_past_base64(text: str, data: bytes) -> bool:
+    """Whether `text` (decoded from `data`) takes more bytes as a JSON string than `data` in base64."""
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) > 4 * math.ceil(len(data) / 3) + 2
 
 
 class Rendered(NamedTuple):

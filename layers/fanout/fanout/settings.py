@@ -114,7 +114,9 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(
         default=4_000_000, ge=65_536, le=6_000_000, description="The answer as Lambda posts it; its limit is 6 MB."
     )
-    max_body_bytes: int = Field(default=1_000_000, ge=1024, le=6_000_000, description="Largest /batch request body.")
+    max_body_bytes: int = Field(
+        default=1_000_000, ge=1024, le=6_000_000, description="Largest /batch request body, and line of a job's input."
+    )
     # Jobs (fanout.jobs): where they live, set by the template for the jobs API and the worker.
     jobs_table: str = Field(default="", description="The DynamoDB table of jobs, chunks and target pauses.")
     input_bucket: str = Field(default="", description="Where job items are kept: uploads and inline items.")

@@ -1,9 +1,11 @@
 """One chunk of a job: claimed, its lines run through POST /batch's runner, its results written once.
 
 Each line is a /batch request item, checked as /batch checks it (a line that is not
-one is that item's `InvalidItem` error, never the chunk's failure). The results file
+one, or is longer than a /batch body may be, is that item's `InvalidItem` error, never
+the chunk's failure). The results file
 holds one line per item, in input order, each the /batch response item with the
-input `line` number first. Its key is the chunk's own and it is written once
+input `line` number first, spooled as it is made (never held in memory beside the
+reports). Its key is the chunk's own and it is written once
 (JobFiles.put_results_once), before the chunk is recorded: an attempt that finds it
 written (an earlier attempt ran the chunk and died before recording it) records that
 file without sending the chunk's requests again; two attempts that finish together
@@ -29,11 +31,11 @@ from fanout.batch import BatchItem, BatchRunner, ItemReport
 from fanout.batch_api import BatchRequestItem, to_batch_item
 from fanout.batch_response import item_line
 from fanout.engine import Strategy
-from fanout.jobs.files import JobFiles, results_key
+from fanout.jobs.files import JobFiles, Line, results_key
 from fanout.jobs.messages import RunChunk
 from fanout.jobs.store import ChunkCounts, Claim, JobStatus, JobStore
 from fanout.politeness import Politeness
-from fanout.settings import Settings
+from fanout.settings import ENV_PREFIX, Settings
 from fanout.strict_json import BodyError, parse_body
 from fanout.targets import TargetScope
 
@@ -101,10 +103,9 @@ async def _run_and_write(
     message: RunChunk, job: dict[str, Any], key: str, context: ChunkContext, budget_s: float
 ) -> ChunkCounts:
     """Run the chunk's lines (or skip them all if the job was cancelled) and write their results once."""
-    data = await asyncio.to_thread(context.files.read_range, message.key, message.start, message.end)
-    lines = list(_numbered_lines(data, message.first_line))
+    lines = await asyncio.to_thread(_read_lines, message, context.files, context.settings.max_body_bytes)
     if job["status"] == JobStatus.CANCELLED:
-        reports = [(number, _skipped(number, raw)) for number, raw in lines]
+        reports = [(number, _skipped(number, line)) for number, line in lines]
         requests: dict[str, int] = {}
         throttled: dict[str, int] = {}
     else:
@@ -116,14 +117,13 @@ async def _run_and_write(
         requests=requests,
         throttled=throttled,
     )
-    written = [item_line(report, line=number) for number, report in reports]
-    return await asyncio.to_thread(context.files.put_results_once, key, written, counts)
+    return await asyncio.to_thread(context.files.put_results_once, key, _result_lines(reports), counts)
 
 
 async def _run_lines(
-    lines: list[tuple[int, bytes]], spec: dict[str, Any], context: ChunkContext, budget_s: float
+    lines: list[tuple[int, Line]], spec: dict[str, Any], context: ChunkContext, budget_s: float
 ) -> tuple[list[tuple[int, ItemReport]], dict[str, int], dict[str, int]]:
-    parsed = [(number, _parse(number, raw, context)) for number, raw in lines]
+    parsed = [(number, _parse(number, line, context)) for number, line in lines]
     items = [item for _, item in parsed if isinstance(item, BatchItem)]
     targets = sorted({item.target for item in items})
     _apply_job_limits(spec.get("targets", {}), context)
@@ -152,15 +152,26 @@ async def _run_lines(
     return reports, requests, throttled
 
 
-def _numbered_lines(data: bytes, first_line: int) -> Iterator[tuple[int, bytes]]:
+def _read_lines(message: RunChunk, files: JobFiles, max_line_bytes: int) -> list[tuple[int, Line]]:
     """The chunk's non-blank lines with their line numbers in the input file."""
-    for offset, raw in enumerate(data.split(b"\n")):
-        if raw.strip():
-            yield first_line + offset, raw
+    lines = files.read_lines(message.key, message.start, message.end, max_line_bytes)
+    return [(message.first_line + position, line) for position, line in enumerate(lines) if not line.blank]
 
 
-def _parse(number: int, raw: bytes, context: ChunkContext) -> BatchItem | ItemReport:
+def _result_lines(reports: list[tuple[int, ItemReport]]) -> Iterator[str]:
+    """Each item's results line, in order, letting go of its report (and body) once it is made."""
+    reports.reverse()
+    while reports:
+        number, report = reports.pop()
+        yield item_line(report, line=number)
+
+
+def _parse(number: int, line: Line, context: ChunkContext) -> BatchItem | ItemReport:
     """A line as the runner's item, or its InvalidItem report saying what is wrong with it."""
+    if line.data is None:
+        most = context.settings.max_body_bytes
+        return _invalid(number, line, f"the line is {line.length} bytes; at most {most} ({ENV_PREFIX}MAX_BODY_BYTES)")
+    raw = line.data
     try:
         fields = parse_body(raw)
         if not isinstance(fields, dict):
@@ -168,11 +179,11 @@ def _parse(number: int, raw: bytes, context: ChunkContext) -> BatchItem | ItemRe
         item = BatchRequestItem.model_validate(fields)
         return to_batch_item(number - 1, item, context.settings, context.scopes)
     except ValidationError as exc:
-        return _invalid(number, raw, _first_error(exc.errors(include_url=False)))
+        return _invalid(number, line, _first_error(exc.errors(include_url=False)))
     except RequestValidationError as exc:
-        return _invalid(number, raw, _first_error(list(exc.errors())))
+        return _invalid(number, line, _first_error(list(exc.errors())))
     except (BodyError, ValueError) as exc:
-        return _invalid(number, raw, str(exc))
+        return _invalid(number, line, str(exc))
 
 
 def _first_error(errors: list[Any]) -> str:
@@ -181,22 +192,22 @@ def _first_error(errors: list[Any]) -> str:
     return f"{where}: {first.get('msg', '')}" if where else str(first.get("msg", ""))
 
 
-def _line_id(number: int, raw: bytes) -> str:
+def _line_id(number: int, line: Line) -> str:
     """The item's id if its line has a readable one, else the line's number: every result has an id."""
     try:
-        fields = parse_body(raw)
+        fields = None if line.data is None else parse_body(line.data)
     except (BodyError, ValueError):
         fields = None
     found = fields.get("id") if isinstance(fields, dict) else None
     return found if isinstance(found, str) and 0 < len(found) <= 128 else f"line {number}"
 
 
-def _invalid(number: int, raw: bytes, message: str) -> ItemReport:
-    return ItemReport(id=_line_id(number, raw), attempts=0, elapsed_s=0.0, error=INVALID_ITEM, message=message)
+def _invalid(number: int, line: Line, message: str) -> ItemReport:
+    return ItemReport(id=_line_id(number, line), attempts=0, elapsed_s=0.0, error=INVALID_ITEM, message=message)
 
 
-def _skipped(number: int, raw: bytes) -> ItemReport:
-    return ItemReport(id=_line_id(number, raw), attempts=0, elapsed_s=0.0, skipped=SKIPPED_CANCELLED)
+def _skipped(number: int, line: Line) -> ItemReport:
+    return ItemReport(id=_line_id(number, line), attempts=0, elapsed_s=0.0, skipped=SKIPPED_CANCELLED)
 
 
 def _apply_job_limits(targets: dict[str, dict[str, float]], context: ChunkContext) -> None:
@@ -248,12 +259,11 @@ async def bury_chunk(message: RunChunk, context: ChunkContext, *, reason: str) -
     """A chunk that came back from the dead-letter queue: each of its items is a ChunkFailed error."""
     store, files = context.store, context.files
     try:
-        data = await asyncio.to_thread(files.read_range, message.key, message.start, message.end)
-        lines = list(_numbered_lines(data, message.first_line))
+        lines = await asyncio.to_thread(_read_lines, message, files, context.settings.max_body_bytes)
     except Exception:  # whatever kept the chunk from running may keep it from being read
         lines = []
     # by line when the lines can be read, else by count (the input itself may be what failed)
-    ids = [(number, _line_id(number, raw)) for number, raw in lines] or [
+    ids = [(number, _line_id(number, line)) for number, line in lines] or [
         (0, f"chunk {message.index} item {k + 1}") for k in range(message.items)
     ]
     reports = [
@@ -261,8 +271,8 @@ async def bury_chunk(message: RunChunk, context: ChunkContext, *, reason: str) -
         for number, id_ in ids
     ]
     key = results_key(message.job_id, message.index)
-    written = [item_line(report, line=number) for number, report in reports]
-    counts = await asyncio.to_thread(files.put_results_once, key, written, ChunkCounts(failed=len(reports)))
+    counts = ChunkCounts(failed=len(reports))
+    counts = await asyncio.to_thread(files.put_results_once, key, _result_lines(reports), counts)
     buried = await asyncio.to_thread(
         store.bury, message.job_id, message.index, results_key=key, counts=counts, now_ms=now_ms()
     )

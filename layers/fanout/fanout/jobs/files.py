@@ -15,15 +15,51 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
-from typing import Any
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import IO, Any, NamedTuple
 
 from botocore.exceptions import ClientError
 
 from fanout.jobs.store import ChunkCounts
 
 READ_BLOCK_BYTES = 1 << 20
+SPOOL_BYTES = 8 << 20  # a chunk's results file in memory up to this, then on /tmp
 _COUNTED = ("succeeded", "failed", "skipped")  # a results file's counts, kept as its metadata
+
+
+class Line(NamedTuple):
+    """One line of an input file: where it starts, its length without the newline, and its bytes, or
+    None if it is longer than the cap (such a line is counted and skipped, never held)."""
+
+    offset: int
+    length: int
+    data: bytes | None
+
+    @property
+    def blank(self) -> bool:
+        return self.data is not None and not self.data.strip()
+
+
+def bounded_lines(blocks: Iterable[bytes], max_line_bytes: int, *, offset: int = 0) -> Iterator[Line]:
+    """Blocks of a file in, its lines out (`offset` is where the first block starts in the file).
+
+    What is held at once is a block and at most `max_line_bytes` of a line: past the cap, the
+    rest of the line is only counted. The last line may lack its newline."""
+    pending, skipped = b"", 0  # the line so far; or, for a line past the cap, how long it is so far
+    for block in blocks:
+        *whole, tail = (pending + block).split(b"\n")  # pending is empty while a line is skipped
+        for piece in whole:
+            length = skipped + len(piece)
+            yield Line(offset, length, None if skipped or length > max_line_bytes else piece)
+            offset += length + 1
+            skipped = 0
+        if skipped or len(tail) > max_line_bytes:
+            skipped, pending = skipped + len(tail), b""
+        else:
+            pending = tail
+    if pending or skipped:
+        yield Line(offset, skipped + len(pending), None if skipped else pending)
 
 
 def upload_key(upload_id: str) -> str:
@@ -77,37 +113,39 @@ class JobFiles:
     def put_input(self, key: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.input_bucket, Key=key, Body=data, ContentType="application/x-ndjson")
 
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of an input file: one chunk's lines."""
+    def read_lines(self, key: str, start: int, end: int, max_line_bytes: int) -> Iterator[Line]:
+        """The lines in bytes [start, end) of an input file (one chunk's), read a block at a time."""
         if end <= start:
-            return b""
+            return iter(())
         answer = self.s3.get_object(Bucket=self.input_bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-        return bytes(answer["Body"].read())
+        return bounded_lines(answer["Body"].iter_chunks(READ_BLOCK_BYTES), max_line_bytes, offset=start)
 
-    def lines_with_offsets(self, key: str) -> Iterator[tuple[int, bytes]]:
-        """Each line of an input file (without its newline) and the byte offset it starts at, read a
-        block at a time: a file of any size costs a block of memory."""
+    def lines_with_offsets(self, key: str, max_line_bytes: int) -> Iterator[Line]:
+        """Every line of an input file, read a block at a time: a file of any size, and a line of any
+        length, costs a block and a line's cap of memory."""
         body = self.s3.get_object(Bucket=self.input_bucket, Key=key)["Body"]
-        pending, offset = b"", 0
-        while block := body.read(READ_BLOCK_BYTES):
-            pending += block
-            *whole, pending = pending.split(b"\n")
-            for line in whole:
-                yield offset, line
-                offset += len(line) + 1
-        if pending:
-            yield offset, pending
+        return bounded_lines(body.iter_chunks(READ_BLOCK_BYTES), max_line_bytes)
 
-    def put_results_once(self, key: str, lines: list[str], counts: ChunkCounts) -> ChunkCounts:
+    def put_results_once(self, key: str, lines: Iterable[str], counts: ChunkCounts) -> ChunkCounts:
         """Write a chunk's results unless its file exists; the counts of the file that stays (ours, or
-        those of the attempt that wrote first, with our requests: we did send them)."""
-        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        those of the attempt that wrote first, with our requests: we did send them).
+
+        The lines are spooled to a temporary file as they come (to disk past SPOOL_BYTES), so a
+        chunk's results are never held in memory beside the reports they are made from."""
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+            for line in lines:
+                spool.write(line.encode("utf-8"))
+                spool.write(b"\n")
+            spool.seek(0)
+            return self._put_once(key, spool, counts)
+
+    def _put_once(self, key: str, body: IO[bytes], counts: ChunkCounts) -> ChunkCounts:
         metadata = {name: str(getattr(counts, name)) for name in _COUNTED}
         try:
             self.s3.put_object(
                 Bucket=self.results_bucket,
                 Key=key,
-                Body=data,
+                Body=body,
                 ContentType="application/x-ndjson",
                 Metadata=metadata,
                 IfNoneMatch="*",

@@ -87,6 +87,7 @@ class Worker:
             queue=SplitQueue(self.sqs, self.settings.chunk_queue_url),
             chunk_items=self.settings.chunk_items,
             max_items=self.settings.max_job_items,
+            max_line_bytes=self.settings.max_body_bytes,
             now_ms=now_ms,
         )
         finish_if_done(message.job_id, context.store, context.files)
