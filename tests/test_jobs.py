@@ -35,6 +35,7 @@ from fanout.jobs.files import JobFiles, Line, bounded_lines, inline_key
 from fanout.jobs.messages import RunChunk, SplitInput, decode, encode
 from fanout.jobs.split import SplitQueue, split_input
 from fanout.jobs.store import ChunkCounts, Claim, JobStore
+from fanout.jobs.worker import lambda_memory_mb
 from fanout.politeness import Politeness
 from fanout.settings import Settings
 from fanout.transports import UpstreamResponse, make_transport
@@ -611,10 +612,11 @@ def worker(aws: dict[str, str], upstream: LocalUpstream, monkeypatch: pytest.Mon
         "FANOUT_CHUNK_QUEUE_URL": aws["chunks"],
         "FANOUT_DEAD_LETTER_QUEUE_ARN": aws["dead_arn"],
         "FANOUT_CHUNK_ITEMS": "2",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "512",
     }.items():
         monkeypatch.setenv(name, value)
     loop = install_event_loop()
-    worker = Worker(load_settings(), timeout_s=30)
+    worker = Worker(load_settings(), timeout_s=30, memory_mb=lambda_memory_mb())
     yield worker
     loop.run_until_complete(worker.context.runner.transport.aclose())
     loop.close()
@@ -680,7 +682,31 @@ def test_the_worker_refuses_to_start_without_its_resources(monkeypatch: pytest.M
     from fanout.settings import ConfigError
 
     with pytest.raises(ConfigError, match="FANOUT_JOBS_TABLE, FANOUT_INPUT_BUCKET"):
-        Worker(Settings(), timeout_s=30)
+        Worker(Settings(), timeout_s=30, memory_mb=512)
+
+
+def test_the_worker_refuses_to_start_if_its_chunks_bodies_could_fill_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two chunks of 1,000 items, each body up to 256 KiB: 500 MiB, over half of 512 MB (and a chunk that
+    met such bodies would kill the worker on every delivery). It names the three numbers and the way out."""
+    from fanout.jobs.worker import Worker, check_bodies_fit
+    from fanout.settings import ConfigError
+
+    resources = {name: "x" for name in ("jobs_table", "input_bucket", "results_bucket", "chunk_queue_url")}
+    settings = Settings(**resources, dead_letter_queue_arn="x", worker_batch_size=2, chunk_items=1000)
+    with pytest.raises(ConfigError) as refused:
+        Worker(settings, timeout_s=30, memory_mb=512)
+    assert str(refused.value) == (
+        "Invalid configuration: FANOUT_WORKER_BATCH_SIZE (2) x FANOUT_CHUNK_ITEMS (1000) x FANOUT_MAX_ITEM_BYTES "
+        "(262144) is 500 MiB of upstream bodies held at once, over half the worker's memory (512 MB, "
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE): lower ChunkItems or WorkerBatchSize, or raise WorkerMemorySize"
+    )
+    check_bodies_fit(settings, 1000)  # 500 MiB is half of 1000 MB (MiB each): the least that starts
+    with pytest.raises(ConfigError):
+        check_bodies_fit(settings, 999)
+    for told in ("", "512MB"):
+        monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", told)
+        with pytest.raises(ConfigError, match=f"AWS_LAMBDA_FUNCTION_MEMORY_SIZE \\(got '{told}'\\) must be"):
+            lambda_memory_mb()
 
 
 # --- the jobs routes, through the real handler --------------------------------------------------------------------

@@ -166,6 +166,27 @@ def test_the_chunk_queue_outlasts_the_worker_and_feeds_it_partial_failures(templ
     assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": "ChunkDeadLetterQueue.Arn"}
 
 
+def test_every_environments_worker_has_room_for_the_bodies_of_its_chunks(template: dict[str, Any]) -> None:
+    """The worker refuses to start when WorkerBatchSize x ChunkItems bodies could fill half its memory:
+    the defaults and every samconfig environment must start, and the template tells the worker all three."""
+    import tomllib
+
+    from fanout.jobs.worker import check_bodies_fit
+
+    params = template["Parameters"]
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    for env in ("defaults", "dev", "prod"):
+        overrides = {} if env == "defaults" else config[env]["deploy"]["parameters"]["parameter_overrides"]
+        chosen = {name: int(overrides.get(name, params[name]["Default"])) for name in ("WorkerBatchSize", "ChunkItems")}
+        settings = Settings(worker_batch_size=chosen["WorkerBatchSize"], chunk_items=chosen["ChunkItems"])
+        check_bodies_fit(settings, int(overrides.get("WorkerMemorySize", params["WorkerMemorySize"]["Default"])))
+    worker = template["Resources"]["WorkerFunction"]["Properties"]
+    assert worker["MemorySize"] == {"Ref": "WorkerMemorySize"}
+    assert worker["Environment"]["Variables"]["FANOUT_WORKER_BATCH_SIZE"] == {"Ref": "WorkerBatchSize"}
+    assert worker["Environment"]["Variables"]["FANOUT_CHUNK_ITEMS"] == {"Ref": "ChunkItems"}
+    assert "FANOUT_MAX_ITEM_BYTES" not in worker["Environment"]["Variables"]  # the 256 KiB the parameters name
+
+
 def test_private_networks_are_declared_and_never_allowed_in_the_template(template: dict[str, Any]) -> None:
     """Declared, so that `sam local --env-vars` may set it for a local upstream; false wherever it is written."""
     assert template["Globals"]["Function"]["Environment"]["Variables"]["FANOUT_ALLOW_PRIVATE_NETWORKS"] == "false"

@@ -11,11 +11,11 @@ import gc
 gc.disable()
 try:
     from fanout import install_event_loop, load_settings
-    from fanout.jobs.worker import Worker
+    from fanout.jobs.worker import Worker, lambda_memory_mb
 
     install_event_loop()
     settings = load_settings()
-    handler = Worker(settings, timeout_s=settings.worker_timeout_s).handle
+    handler = Worker(settings, timeout_s=settings.worker_timeout_s, memory_mb=lambda_memory_mb()).handle
     gc.freeze()
 finally:
     gc.enable()

@@ -315,6 +315,7 @@ def main() -> None:
                 **local_only,
                 **(aws.environment() if aws else {}),
                 "AWS_LAMBDA_FUNCTION_NAME": function.name,
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.memory_mb),
                 "LAMBDA_TASK_ROOT": str(function.code_dir),
             }
             pool = FunctionPool(

@@ -63,6 +63,7 @@ class LocalFunction:
     handler: str  # module.attribute
     code_dir: Path
     timeout_s: float
+    memory_mb: int  # MemorySize: what Lambda tells the function as AWS_LAMBDA_FUNCTION_MEMORY_SIZE
     routes: tuple[Route, ...]
     environment: dict[str, str]
     queues: tuple[QueueSource, ...] = ()
@@ -167,6 +168,7 @@ def local_functions(
                 handler=props["Handler"],
                 code_dir=root / props["CodeUri"],
                 timeout_s=float(values.resolve(props.get("Timeout", 3), name)),
+                memory_mb=int(values.resolve(props.get("MemorySize", 128), name)),
                 routes=routes,
                 environment={
                     key: values.resolve(value, name) for key, value in variables.items() if not _deploy_only(value)

@@ -127,6 +127,7 @@ class Settings(BaseSettings):
     max_job_items: int = Field(default=10_000_000, ge=1, le=100_000_000, description="Largest job.")
     max_upload_bytes: int = Field(default=5 * 2**30, ge=1024, le=5 * 2**30, description="Largest uploaded file.")
     workers: int = Field(default=1, ge=1, le=1000, description="Worker containers at most (the ESM's maximum).")
+    worker_batch_size: int = Field(default=1, ge=1, le=10, description="Chunks per worker invocation (the ESM's).")
     worker_timeout_s: float = Field(default=300, ge=1, le=900, description="The worker's Lambda timeout.")
     chunk_visibility_timeout_s: float = Field(default=0, ge=0, description="The chunk queue's; 0: not checked.")
     results_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 86400, description="Presigned URLs last this long.")

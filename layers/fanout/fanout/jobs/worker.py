@@ -12,6 +12,7 @@ job, so that no job waits forever for a chunk that will never run.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import boto3
@@ -25,19 +26,21 @@ from fanout.jobs.messages import SplitInput, decode
 from fanout.jobs.split import SplitQueue, split_input
 from fanout.jobs.store import JobStore
 from fanout.runner import build_runner
-from fanout.settings import ConfigError, Settings, load_settings
+from fanout.settings import ConfigError, Settings
 
 DEAD_LETTER_REASON = "the chunk failed on every delivery and was moved to the dead-letter queue"
 REQUIRED = ("jobs_table", "input_bucket", "results_bucket", "chunk_queue_url", "dead_letter_queue_arn")
+BODIES_SHARE = 0.5  # of the worker's memory, for the upstream bodies its chunks hold at once
 
 
 class Worker:
     """One per container: the clients and the runner, kept across warm invocations."""
 
-    def __init__(self, settings: Settings, *, timeout_s: float) -> None:
+    def __init__(self, settings: Settings, *, timeout_s: float, memory_mb: int) -> None:
         missing = [f"FANOUT_{name.upper()}" for name in REQUIRED if not getattr(settings, name)]
         if missing:
             raise ConfigError(f"Invalid configuration: the worker needs {', '.join(missing)} (set by template.yaml)")
+        check_bodies_fit(settings, memory_mb)
         self.settings = settings
         runner = build_runner(settings)
         self.sqs = boto3.client("sqs")
@@ -102,5 +105,27 @@ class Worker:
         finish_if_done(message.job_id, store, self.context.files)
 
 
-def create_worker(timeout_s: float) -> Worker:
-    return Worker(load_settings(), timeout_s=timeout_s)
+def lambda_memory_mb() -> int:
+    """The function's memory, as Lambda (and make run, and sam local) tell it."""
+    given = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "")
+    if not given.isdigit():
+        raise ConfigError(
+            f"Invalid configuration: AWS_LAMBDA_FUNCTION_MEMORY_SIZE (got {given!r}) must be the function's memory "
+            "in MB, as Lambda sets it"
+        )
+    return int(given)
+
+
+def check_bodies_fit(settings: Settings, memory_mb: int) -> None:
+    """A chunk holds each item's body (cut at FANOUT_MAX_ITEM_BYTES) until its results are written, and
+    an invocation runs its batch's chunks at once. If that could fill the worker, a chunk that meets
+    large bodies would kill it on every delivery: refuse the configuration at cold start instead."""
+    batch, items, each = settings.worker_batch_size, settings.chunk_items, settings.max_item_bytes
+    most, room = batch * items * each, int(memory_mb * 2**20 * BODIES_SHARE)
+    if most > room:
+        raise ConfigError(
+            f"Invalid configuration: FANOUT_WORKER_BATCH_SIZE ({batch}) x FANOUT_CHUNK_ITEMS ({items}) x "
+            f"FANOUT_MAX_ITEM_BYTES ({each}) is {most / 2**20:.0f} MiB of upstream bodies held at once, over "
+            f"half the worker's memory ({memory_mb} MB, AWS_LAMBDA_FUNCTION_MEMORY_SIZE): lower ChunkItems or "
+            "WorkerBatchSize, or raise WorkerMemorySize"
+        )
