@@ -30,6 +30,7 @@ from fanout import install_event_loop
 from fanout.batch import BatchRunner, ItemReport
 from fanout.batch_response import item_line
 from fanout.jobs import split as split_module
+from fanout.jobs.ceilings import JobCeilings
 from fanout.jobs.chunk import CHUNK_FAILED, INVALID_ITEM, ChunkBusy, ChunkContext, bury_chunk, finish_if_done, run_chunk
 from fanout.jobs.files import JobFiles, Line, bounded_lines, inline_key
 from fanout.jobs.messages import RunChunk, SplitInput, decode, encode
@@ -572,6 +573,44 @@ def test_a_cancelled_job_starts_no_more_requests(aws: dict[str, str], upstream: 
     assert "finished_ms" in job
     assert [line.get("skipped") for line in results_of(job_id)] == [None] * 3 + ["cancelled"] * 3
     assert not store().cancel(job_id, int(time.time() * 1000))  # it has ended
+
+
+def test_a_jobs_ceilings_only_lower_the_configured_ones_and_end_with_its_chunks() -> None:
+    """The limiters are the container's, shared by the chunks it runs at once and kept across
+    invocations: a job's share may lower a target's configured ceilings while its chunks run, never
+    raise them, and never outlast them (the strictest of the running jobs' holds)."""
+    politeness = Politeness(ceiling=20, max_in_flight={"up": 3}, rate_per_s={"up": 20.0})
+    ceilings = JobCeilings(politeness, workers=2)
+    up, free = politeness.limiter("up"), politeness.limiter("free")
+
+    def now() -> list[tuple[int, float | None, float | None]]:
+        return [(up.ceiling, up.rate_ceiling, up.state.rate), (free.ceiling, free.rate_ceiling, free.state.rate)]
+
+    assert now() == [(3, 20.0, 20.0), (20, None, None)]
+    with ceilings.applied({"up": {"max_in_flight": 1000, "rate_per_s": 1000}}):  # asks for more: no
+        assert now() == [(3, 20.0, 20.0), (20, None, None)]
+    with ceilings.applied({"up": {"max_in_flight": 4, "rate_per_s": 8}, "free": {"rate_per_s": 6}}):
+        assert now() == [(2, 4.0, 4.0), (20, 3.0, 3.0)]  # each worker's half
+        with ceilings.applied({"up": {"max_in_flight": 10}, "free": {"max_in_flight": 8}}):  # another job
+            assert now() == [(2, 4.0, 4.0), (4, 3.0, 3.0)]
+        assert now() == [(2, 4.0, 4.0), (20, 3.0, 3.0)]
+    assert now() == [(3, 20.0, 20.0), (20, None, None)]  # unpaced again: it was never throttled
+
+
+def test_a_job_asking_fewer_in_flight_gets_them_and_the_next_job_does_not(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
+) -> None:
+    lines = [json.dumps(item(i, query={"ms": 30})) for i in range(6)]
+    first = new_job(lines, job_id="1" * 32, spec={"targets": {"up": {"max_in_flight": 2}}})
+    (chunk,) = split(first, aws, chunk_items=6)
+    chunks_on(run_chunk, chunk, budget_s=10)
+    assert upstream.stats.peak_in_flight == 2
+
+    upstream.stats.peak_in_flight = 0
+    second = new_job(lines, job_id="2" * 32)
+    (chunk,) = split(second, aws, chunk_items=6)
+    chunks_on(run_chunk, chunk, budget_s=10)
+    assert upstream.stats.peak_in_flight > 2  # the first job's ceiling ended with it
 
 
 def test_an_empty_input_ends_the_job_at_once(aws: dict[str, str]) -> None:

@@ -236,6 +236,17 @@ class TargetLimiter:
     def __repr__(self) -> str:
         return f"TargetLimiter({self.name!r}, ceiling={self.ceiling}, rate_ceiling={self.rate_ceiling})"
 
+    def set_ceilings(self, ceiling: int, rate_ceiling: float | None) -> None:
+        """New ceilings (a job's, while its chunks run): what was learned of the target stays, within them."""
+        self.ceiling, self.rate_ceiling = max(1, ceiling), rate_ceiling
+        state = self.state
+        state.limit = min(state.limit, self.ceiling)
+        if state.free is None:  # never throttled: only a ceiling paces it
+            state.rate = rate_ceiling
+        elif rate_ceiling is not None:
+            state.rate = min(state.rate or rate_ceiling, rate_ceiling)
+        self._wake()
+
     def attempt(self, deadline: float) -> Attempt:
         """One request: admitted on entry (`deadline`: a time.monotonic() time), recorded on exit."""
         return Attempt(self, deadline)
@@ -648,14 +659,18 @@ class Politeness:
         Lambda, so the difference of the counts is this call's."""
         return {name: self.limiter(name).report(since.get(name, NO_COUNTS)) for name in sorted(set(targets))}
 
+    def configured(self, target: str) -> tuple[int, float | None]:
+        """The target's ceilings as configured: in flight, and requests per second (None: unpaced)."""
+        return min(self.ceiling, self.max_in_flight.get(target, self.ceiling)), self.rate_per_s.get(target)
+
     def limiter(self, target: str) -> TargetLimiter:
         limiter = self.limiters.get(target)
         if limiter is None:
-            ceiling = min(self.ceiling, self.max_in_flight.get(target, self.ceiling))
+            ceiling, rate_ceiling = self.configured(target)
             limiter = self.limiters[target] = TargetLimiter(
                 target,
                 ceiling=ceiling,
-                rate_ceiling=self.rate_per_s.get(target),
+                rate_ceiling=rate_ceiling,
                 circuit_failures=self.circuit_failures,
                 circuit_cool_down_s=self.circuit_cool_down_s,
             )

@@ -31,6 +31,7 @@ from fanout.batch import BatchItem, BatchRunner, ItemReport
 from fanout.batch_api import BatchRequestItem, to_batch_item
 from fanout.batch_response import item_line
 from fanout.engine import Strategy
+from fanout.jobs.ceilings import JobCeilings
 from fanout.jobs.files import JobFiles, Line, results_key
 from fanout.jobs.messages import RunChunk
 from fanout.jobs.store import ChunkCounts, Claim, JobStatus, JobStore
@@ -64,9 +65,11 @@ class ChunkContext:
     politeness: Politeness
     lease_s: float  # how long a claim holds: the worker's timeout (it cannot run longer)
     scopes: dict[str, TargetScope] = field(init=False)
+    ceilings: JobCeilings = field(init=False)
 
     def __post_init__(self) -> None:
         self.scopes = {name: TargetScope.of(name, target) for name, target in self.settings.upstreams.items()}
+        self.ceilings = JobCeilings(self.politeness, workers=self.settings.workers)
 
 
 async def run_chunk(message: RunChunk, context: ChunkContext, *, budget_s: float) -> None:
@@ -126,19 +129,19 @@ async def _run_lines(
     parsed = [(number, _parse(number, line, context)) for number, line in lines]
     items = [item for _, item in parsed if isinstance(item, BatchItem)]
     targets = sorted({item.target for item in items})
-    _apply_job_limits(spec.get("targets", {}), context)
     pauses = _PauseSharing(context, targets)
     await pauses.pull()
     syncing = asyncio.create_task(pauses.keep_in_sync())
     most = context.settings.max_concurrency
     try:
-        run = await context.runner.run(
-            items,
-            strategy=Strategy(spec.get("strategy", "semaphore")),
-            concurrency=min(int(spec.get("concurrency") or most), most),
-            budget_s=budget_s,
-            fail_fast=False,
-        )
+        with context.ceilings.applied(spec.get("targets", {})):
+            run = await context.runner.run(
+                items,
+                strategy=Strategy(spec.get("strategy", "semaphore")),
+                concurrency=min(int(spec.get("concurrency") or most), most),
+                budget_s=budget_s,
+                fail_fast=False,
+            )
     finally:
         syncing.cancel()
         await asyncio.gather(syncing, return_exceptions=True)
@@ -208,20 +211,6 @@ def _invalid(number: int, line: Line, message: str) -> ItemReport:
 
 def _skipped(number: int, line: Line) -> ItemReport:
     return ItemReport(id=_line_id(number, line), attempts=0, elapsed_s=0.0, skipped=SKIPPED_CANCELLED)
-
-
-def _apply_job_limits(targets: dict[str, dict[str, float]], context: ChunkContext) -> None:
-    """A job's per-target ceilings hold for all its workers together: each takes its share."""
-    share = context.settings.workers
-    for name, limits in targets.items():
-        limiter = context.politeness.limiter(name)
-        if limits.get("rate_per_s"):
-            cap = float(limits["rate_per_s"]) / share
-            limiter.rate_ceiling = cap
-            limiter.state.rate = min(limiter.state.rate or cap, cap)
-        if limits.get("max_in_flight"):
-            limiter.ceiling = max(1, int(limits["max_in_flight"]) // share)
-            limiter.state.limit = min(limiter.state.limit, limiter.ceiling)
 
 
 class _PauseSharing:
