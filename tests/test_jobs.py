@@ -856,6 +856,20 @@ def test_bad_submissions_are_a_422_naming_the_field(jobs_api: Any, body: Any, wh
     assert any(error["loc"][: len(where)] == where and says in error["msg"] for error in answer["detail"]), answer
 
 
+def test_an_inline_item_a_worker_would_refuse_as_too_long_is_a_422_at_once(jobs_api: Any) -> None:
+    """Within the body's limit as sent, past it as a line of the job's input once written back
+    (each 1e5 becomes 100000.0): refused now, naming the item, not failed later by the worker."""
+    numbers = "[" + ",".join(["1e5"] * 150_000) + "]"  # 600 kB as sent, 1.35 MB written back
+    body = '{"requests": [{"id": "a", "target": "up", "json": ' + numbers + "}]}"
+    status, answer, _ = jobs_api("POST", "/jobs", body=body)
+    assert status == 422
+    (error,) = answer["detail"]
+    assert error["loc"] == ["body", "requests", 0]
+    assert error["msg"] == (
+        "the item is 1350033 bytes as a line of the job's input; at most 1000000 (FANOUT_MAX_BODY_BYTES)"
+    )
+
+
 def test_an_upload_over_the_limit_is_a_413(jobs_api: Any) -> None:
     upload = jobs_api("POST", "/jobs/uploads")[1]
     s3 = boto3.client("s3", region_name=REGION)

@@ -65,6 +65,12 @@ class JobRequest(BaseModel):
         return self
 
 
+def _input_line(item: BatchRequestItem) -> bytes:
+    """An inline item as a line of the job's input file, as a worker will read it."""
+    fields = item.model_dump(by_alias=True, exclude_unset=True)
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def _iso(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
@@ -115,6 +121,13 @@ class JobsApi:
                 _refuse(("body", "targets", name), f"unknown target; allowed: {allowed}")
         for index, item in enumerate(job.requests or ()):
             to_batch_item(index, item, self.settings, self.scopes)  # unknown targets, headers: a 422 now
+            size, most = len(_input_line(item)), self.settings.max_body_bytes
+            if size > most:  # a worker would refuse the line: written back, 1e5 is 100000.0
+                _refuse(
+                    ("body", "requests", index),
+                    f"the item is {size} bytes as a line of the job's input; "
+                    f"at most {most} ({ENV_PREFIX}MAX_BODY_BYTES)",
+                )
         if job.requests is not None and len(job.requests) > self.settings.max_job_items:
             _refuse(
                 ("body", "requests"),
@@ -134,11 +147,7 @@ class JobsApi:
                 raise HTTPException(413, f"the upload is {size} bytes; at most {most} ({ENV_PREFIX}MAX_UPLOAD_BYTES)")
         else:
             key = inline_key(job_id)
-            lines = [
-                json.dumps(item.model_dump(by_alias=True, exclude_unset=True), ensure_ascii=False)
-                for item in job.requests or ()
-            ]
-            self.files.put_input(key, ("\n".join(lines) + "\n").encode("utf-8"))
+            self.files.put_input(key, b"".join(_input_line(item) + b"\n" for item in job.requests or ()))
         spec = {
             "strategy": job.strategy,
             "concurrency": job.concurrency,
