@@ -9,6 +9,7 @@ import json
 import random
 import socket
 import time
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from tenacity import AsyncRetrying, Future, RetryCallState
 from conftest import lambda_context, load_event, post_batch, run
 from fanout.batch import BatchItem, BatchRun, BatchRunner, ItemReport, _retryable_error, retry_after_s
 from fanout.engine import RequestError, Strategy
+from fanout.held_bodies import HeldBodies
 from fanout.politeness import Politeness
 from fanout.settings import UpstreamTarget
 from fanout.targets import TargetScope
@@ -194,6 +196,50 @@ def test_response_over_the_cap_drops_largest_bodies_first(make_handler: Any) -> 
     assert dropped == ["40000"]
     assert body["summary"]["bodies_dropped"] == 1
     assert [item["status"] for item in body["responses"]] == [200, 200, 200]
+
+
+def test_a_batch_holds_at_most_twice_its_answer_in_bodies_letting_the_largest_go(make_handler: Any) -> None:
+    """100 bodies of 32 KiB (3.2 MB) for an answer of 64 KiB: what the call holds while it runs is
+    bounded by twice the answer, not by n bodies (1,000 of 256 KiB once took 889 MB of a 512 MB
+    function: Lambda killed it and the whole batch was a 502). Every item still comes back."""
+    handler = make_handler(FANOUT_MAX_RESPONSE_BYTES="65536", FANOUT_MAX_CONCURRENCY="10", FANOUT_MAX_REQUESTS="200")
+
+    def text(id_: str, size: int) -> dict[str, Any]:
+        return {"id": id_, "target": "up", "path": "/bytes", "query": {"n": size, "type": "text/plain"}}
+
+    big = [text(f"b{i}", 32768) for i in range(100)]
+    small = text("small", 100)
+    post_batch(handler, {"requests": [small]})  # the pool and the code warm, out of the measure
+    tracemalloc.start()
+    try:
+        status, body = post_batch(handler, {"requests": [*big, small]})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 200
+    assert [item["status"] for item in body["responses"]] == [200] * 101
+    kept = {item["id"]: item["body"] for item in body["responses"] if not item.get("body_dropped")}
+    assert kept["small"] == "x" * 100
+    assert all(text == "x" * 32768 for text in kept.values() if len(text) > 100)
+    assert body["summary"]["bodies_dropped"] == 101 - len(kept) >= 99  # 64 KiB holds one big body at most
+    assert peak < 100 * 32768  # less than the bodies' sum (10.6 MB held them all; 1.0 MB here)
+
+
+def test_held_bodies_let_the_largest_go_past_the_budget_and_give_the_rest_back() -> None:
+    held = HeldBodies(10)
+
+    def answered(size: int) -> ItemReport:
+        return ItemReport(id="i", attempts=1, elapsed_s=0.0, response=UpstreamResponse(200, {}, b"x" * size, False))
+
+    sizes = [5, 1, 7, 3, 3, 12]
+    without = [held.hold(index, answered(size)) for index, size in enumerate(sizes)]
+    assert all(report.response is not None and report.response.body == b"" for report in without)
+    assert held.total == 7  # the 7 went when it came (13 held), the 5 with the second 3 (12), the 12 itself
+    back = [held.give_back(index, report) for index, report in enumerate(without)]
+    assert [report.body_dropped for report in back] == [True, False, True, False, False, True]
+    assert [len(report.response.body) for report in back if report.response] == [0, 1, 0, 3, 3, 0]
+    unanswered = ItemReport(id="e", attempts=1, elapsed_s=0.0, error="ConnectError")
+    assert held.hold(6, unanswered) is unanswered and held.give_back(6, unanswered) is unanswered
 
 
 def test_fail_fast_skips_the_rest(handler: Any) -> None:

@@ -49,6 +49,7 @@ from fanout.engine import (
     Strategy,
     fan_out,
 )
+from fanout.held_bodies import HeldBodies
 from fanout.observability import UpstreamRecord, traced_attempt
 from fanout.politeness import NO_TARGETS, UNANSWERED, Politeness, TargetLimiter, TargetReport, retry_after_seconds
 from fanout.targets import TargetScope
@@ -96,6 +97,7 @@ class ItemReport(NamedTuple):
     internal: str | None = None  # what only the log line may show (RequestError.internal)
     skipped: str | None = None
     latencies_ms: tuple[float, ...] = ()  # one per attempt that ended
+    body_dropped: bool = False  # let go while the call ran, to hold no more than its answer can use
 
     @property
     def ok(self) -> bool:
@@ -194,9 +196,18 @@ class BatchRunner:
         self._jitter = wait_random_exponential(multiplier=BACKOFF_BASE_S, max=BACKOFF_CAP_S)
 
     async def run(
-        self, items: list[BatchItem], *, strategy: Strategy, concurrency: int, budget_s: float, fail_fast: bool
+        self,
+        items: list[BatchItem],
+        *,
+        strategy: Strategy,
+        concurrency: int,
+        budget_s: float,
+        fail_fast: bool,
+        held_bytes: int | None = None,
     ) -> BatchRun:
+        """Every item through its attempts; `held_bytes`: the most its bodies may hold (fanout.held_bodies)."""
         progress = _Progress.of(len(items))
+        held = HeldBodies(held_bytes) if held_bytes is not None else None
         since = self.politeness.counters()
         stop = asyncio.Event() if fail_fast else None
         deadline = time.monotonic() + budget_s
@@ -216,7 +227,7 @@ class BatchRunner:
             report = _answered(items[index], answer, progress.attempts[index], time.perf_counter() - started, cut=cut)
             if stop is not None and not report.ok:
                 stop.set()
-            return report
+            return report if held is None else held.hold(index, report)
 
         result = await fan_out(
             send,
@@ -235,6 +246,8 @@ class BatchRunner:
             )
             for index, (item, outcome) in enumerate(ended_as)
         ]
+        if held is not None:
+            reports = [held.give_back(index, report) for index, report in enumerate(reports)]
         return BatchRun(
             reports=reports,
             concurrency=1 if sequential else min(len(items), concurrency),

@@ -135,6 +135,7 @@ def render(reports: Sequence[ItemReport], summary: dict[str, Any], max_bytes: in
     summary_room = posted_size(json.dumps({**summary, **{name: 10**6 for _, name in _PARTS}}))
     total = frame + summary_room + sum(item.size for item in items)
     dropped = {name: 0 for _, name in _PARTS}
+    dropped["bodies_dropped"] = sum(report.body_dropped for report in reports)  # let go while the call ran
     for part, name in _PARTS:
         candidates = sorted((item for item in items if item.droppable(part)), key=lambda item: item.size)
         while total > max_bytes and candidates:
@@ -154,6 +155,9 @@ def _fields(report: ItemReport) -> dict[str, Any]:
         out["status"] = response.status
         out["headers"] = {k: v for k, v in response.headers.items() if k not in DROPPED_RESPONSE_HEADERS}
         out.update(_decode_body(response.body, response.headers.get("content-type", ""), response.truncated))
+        if report.body_dropped:
+            out.update(body=None, body_dropped=True)
+            out.pop("encoding", None)
     elif report.skipped is not None:
         out["skipped"] = report.skipped
     else:
