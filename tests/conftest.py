@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+import boto3
 import pytest
 import uvloop
 from aws_lambda_powertools import Logger
@@ -169,3 +170,34 @@ def built(sam: tuple[str, dict[str, str]], tmp_path_factory: pytest.TempPathFact
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return scratch / "build"
+
+
+# --- the jobs' AWS resources (moto in-process, or its server for the local stack) -----------------
+
+REGION = "us-east-1"
+TABLE, INPUT, RESULTS = "jobs", "fanout-input", "fanout-results"
+
+
+def create_resources() -> dict[str, str]:
+    """What template.yaml declares, as boto3 creates it (fanout_local.stack does the same for make run)."""
+    dynamodb = boto3.client("dynamodb", region_name=REGION)
+    dynamodb.create_table(
+        TableName=TABLE,
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    s3 = boto3.client("s3", region_name=REGION)
+    for bucket in (INPUT, RESULTS):
+        s3.create_bucket(Bucket=bucket)
+    sqs = boto3.client("sqs", region_name=REGION)
+    dead = sqs.create_queue(QueueName="chunks-dead")["QueueUrl"]
+    dead_arn = sqs.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dead_arn, "maxReceiveCount": "2"})
+    chunks = sqs.create_queue(QueueName="chunks", Attributes={"RedrivePolicy": redrive, "VisibilityTimeout": "1"})[
+        "QueueUrl"
+    ]
+    return {"chunks": chunks, "dead": dead, "dead_arn": dead_arn}

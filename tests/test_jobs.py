@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from conftest import ROOT, lambda_context, load_event
+from conftest import INPUT, REGION, RESULTS, ROOT, TABLE, create_resources, lambda_context, load_event
 from fanout import install_event_loop
 from fanout.batch import BatchRunner, ItemReport
 from fanout.batch_response import item_line
@@ -42,34 +42,7 @@ from fanout.settings import Settings
 from fanout.transports import UpstreamResponse, make_transport
 from fanout_local.upstream import LocalUpstream
 
-REGION = "us-east-1"
-TABLE, INPUT, RESULTS = "jobs", "fanout-input", "fanout-results"
 LINE_CAP = 1024  # FANOUT_MAX_BODY_BYTES of the workers here: the longest line of an input (its least)
-
-
-def create_resources() -> dict[str, str]:
-    """What template.yaml declares, as boto3 creates it (fanout_local.stack does the same for make run)."""
-    dynamodb = boto3.client("dynamodb", region_name=REGION)
-    dynamodb.create_table(
-        TableName=TABLE,
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        AttributeDefinitions=[
-            {"AttributeName": "pk", "AttributeType": "S"},
-            {"AttributeName": "sk", "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    s3 = boto3.client("s3", region_name=REGION)
-    for bucket in (INPUT, RESULTS):
-        s3.create_bucket(Bucket=bucket)
-    sqs = boto3.client("sqs", region_name=REGION)
-    dead = sqs.create_queue(QueueName="chunks-dead")["QueueUrl"]
-    dead_arn = sqs.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    redrive = json.dumps({"deadLetterTargetArn": dead_arn, "maxReceiveCount": "2"})
-    chunks = sqs.create_queue(QueueName="chunks", Attributes={"RedrivePolicy": redrive, "VisibilityTimeout": "1"})[
-        "QueueUrl"
-    ]
-    return {"chunks": chunks, "dead": dead, "dead_arn": dead_arn}
 
 
 def one_dynamodb_request_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:

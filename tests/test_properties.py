@@ -1,8 +1,10 @@
-"""Properties of /batch (hypothesis) and a schema fuzz of the whole API (schemathesis): no 500, nothing lost."""
+"""Properties of /batch (hypothesis) and a schema fuzz of the whole API, the jobs routes included
+(schemathesis, with moto): no 500, nothing lost."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -13,10 +15,11 @@ import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from moto import mock_aws
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from conftest import post_batch
+from conftest import INPUT, REGION, RESULTS, TABLE, create_resources, post_batch
 from fanout.app import create_app
 from fanout.settings import Settings, UpstreamTarget
 from fanout_local.upstream import LocalUpstream, running_in_thread
@@ -92,10 +95,9 @@ def _app_settings(upstream_url: str) -> Settings:
 schema = schemathesis.openapi.from_dict(create_app(_app_settings("http://127.0.0.1:9")).openapi())
 
 
-@pytest.fixture(scope="module")
-def live_api(shared_upstream: LocalUpstream) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
     """The app on a real socket, as httpx's own test suite serves its test app."""
-    app = create_app(_app_settings(shared_upstream.url))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning"))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
@@ -108,6 +110,12 @@ def live_api(shared_upstream: LocalUpstream) -> Iterator[str]:
     server.should_exit = True
     thread.join(timeout=10)
     loop.close()
+
+
+@pytest.fixture(scope="module")
+def live_api(shared_upstream: LocalUpstream) -> Iterator[str]:
+    with serving(create_app(_app_settings(shared_upstream.url))) as url:
+        yield url
 
 
 def refusal_says_why(ctx: Any, response: Any, case: Any) -> bool | None:
@@ -128,3 +136,43 @@ def test_no_input_makes_a_500_and_every_refusal_says_why(case: Any, live_api: st
         base_url=live_api,
         checks=[not_a_server_error, status_code_conformance, response_schema_conformance, refusal_says_why],
     )
+
+
+# --- schema fuzz of the jobs routes, with S3, SQS and DynamoDB in moto (in-process) ----------------
+
+
+def _jobs_app(upstream_url: str, queue_url: str) -> Any:
+    """The jobs routes' app (FANOUT_ROUTES=jobs), on the resources template.yaml declares."""
+    return create_app(
+        Settings(
+            routes="jobs",
+            upstreams={"up": UpstreamTarget(url=upstream_url, allow_http=True)},
+            allow_private_networks=True,
+            jobs_table=TABLE,
+            input_bucket=INPUT,
+            results_bucket=RESULTS,
+            chunk_queue_url=queue_url,
+            max_upload_bytes=4096,
+        )
+    )
+
+
+with pytest.MonkeyPatch.context() as _env:  # its clients are made, not used: a region is all they need
+    _env.setenv("AWS_DEFAULT_REGION", REGION)
+    jobs_schema = schemathesis.openapi.from_dict(_jobs_app("http://127.0.0.1:9", "http://queue").openapi())
+
+
+@pytest.fixture(scope="module")
+def jobs_live(shared_upstream: LocalUpstream) -> Iterator[str]:
+    with pytest.MonkeyPatch.context() as env, mock_aws():
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+            env.setenv(name, value)
+        env.setenv("AWS_DEFAULT_REGION", REGION)
+        with serving(_jobs_app(shared_upstream.url, create_resources()["chunks"])) as url:
+            yield url
+
+
+@jobs_schema.parametrize()
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_input_to_the_jobs_routes_makes_a_500_and_every_refusal_says_why(case: Any, jobs_live: str) -> None:
+    case.call_and_validate(base_url=jobs_live, checks=[not_a_server_error, status_code_conformance, refusal_says_why])

@@ -89,9 +89,10 @@ def create_app(
         add_batch_route(app, settings, build_runner(settings, transport, politeness).run, telemetry)
         _add_to_openapi_components(app, batch_schemas)  # its route reads the body itself
     if settings.routes == "jobs" or (settings.routes == "all" and settings.jobs_table):
-        from fanout.jobs.api import add_job_routes  # boto3 is imported only where it is used
+        from fanout.jobs.api import add_job_routes, job_schemas  # boto3 is imported only where it is used
 
         add_job_routes(app, settings)
+        _add_to_openapi_components(app, job_schemas)  # its route reads the body itself
     return app
 
 

@@ -65,6 +65,19 @@ class JobRequest(BaseModel):
         return self
 
 
+#: POST /jobs's body in the OpenAPI document: the route reads the body itself (strictly, as /batch does).
+JOB_REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}},
+}
+
+
+def job_schemas() -> dict[str, Any]:
+    """JobRequest and the models it uses, as OpenAPI components."""
+    schema = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
+    return {**schema.pop("$defs", {}), "JobRequest": schema}
+
+
 def _input_line(item: BatchRequestItem) -> bytes:
     """An inline item as a line of the job's input file, as a worker will read it."""
     fields = item.model_dump(by_alias=True, exclude_unset=True)
@@ -240,7 +253,7 @@ def add_job_routes(app: FastAPI, settings: Settings) -> None:
             "max_bytes": settings.max_upload_bytes,
         }
 
-    @app.post("/jobs", status_code=202, responses={413: {}, 422: {}})
+    @app.post("/jobs", status_code=202, responses={413: {}, 422: {}}, openapi_extra={"requestBody": JOB_REQUEST_BODY})
     async def submit(request: Request, response: Response) -> dict[str, Any]:
         data = await request.body()
         if len(data) > settings.max_body_bytes:
