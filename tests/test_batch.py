@@ -19,7 +19,7 @@ from tenacity import AsyncRetrying, Future, RetryCallState
 from conftest import lambda_context, load_event, post_batch, run
 from fanout.batch import BatchItem, BatchRun, BatchRunner, ItemReport, _retryable_error, retry_after_s
 from fanout.engine import RequestError, Strategy
-from fanout.held_bodies import HeldBodies
+from fanout.held_answers import HeldAnswers
 from fanout.politeness import Politeness
 from fanout.settings import UpstreamTarget
 from fanout.targets import TargetScope
@@ -198,6 +198,16 @@ def test_response_over_the_cap_drops_largest_bodies_first(make_handler: Any) -> 
     assert [item["status"] for item in body["responses"]] == [200, 200, 200]
 
 
+def _traced_peak(handler: Any, body: dict[str, Any]) -> tuple[int, dict[str, Any], int]:
+    """post_batch, and the most the heap held meanwhile (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        status, answer = post_batch(handler, body)
+        return status, answer, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_batch_holds_at_most_twice_its_answer_in_bodies_letting_the_largest_go(make_handler: Any) -> None:
     """100 bodies of 32 KiB (3.2 MB) for an answer of 64 KiB: what the call holds while it runs is
     bounded by twice the answer, not by n bodies (1,000 of 256 KiB once took 889 MB of a 512 MB
@@ -207,15 +217,9 @@ def test_a_batch_holds_at_most_twice_its_answer_in_bodies_letting_the_largest_go
     def text(id_: str, size: int) -> dict[str, Any]:
         return {"id": id_, "target": "up", "path": "/bytes", "query": {"n": size, "type": "text/plain"}}
 
-    big = [text(f"b{i}", 32768) for i in range(100)]
     small = text("small", 100)
     post_batch(handler, {"requests": [small]})  # the pool and the code warm, out of the measure
-    tracemalloc.start()
-    try:
-        status, body = post_batch(handler, {"requests": [*big, small]})
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    status, body, peak = _traced_peak(handler, {"requests": [*(text(f"b{i}", 32768) for i in range(100)), small]})
     assert status == 200
     assert [item["status"] for item in body["responses"]] == [200] * 101
     kept = {item["id"]: item["body"] for item in body["responses"] if not item.get("body_dropped")}
@@ -225,11 +229,26 @@ def test_a_batch_holds_at_most_twice_its_answer_in_bodies_letting_the_largest_go
     assert peak < 100 * 32768  # less than the bodies' sum (10.6 MB held them all; 1.0 MB here)
 
 
-def test_held_bodies_let_the_largest_go_past_the_budget_and_give_the_rest_back() -> None:
-    held = HeldBodies(10)
+def test_a_batch_holds_at_most_twice_its_answer_in_headers_too(make_handler: Any) -> None:
+    """100 heads of 16 headers of 2 KiB (3.2 MB): held within the same budget, the largest let go."""
+    handler = make_handler(FANOUT_MAX_RESPONSE_BYTES="65536", FANOUT_MAX_CONCURRENCY="10", FANOUT_MAX_REQUESTS="200")
+    fat = {"target": "up", "path": "/fat-headers", "query": {"n": 16, "size": 2048}}
+    post_batch(handler, {"requests": [{"id": "warm", **fat}]})
+    status, body, peak = _traced_peak(handler, {"requests": [{"id": f"h{i}", **fat} for i in range(100)]})
+    assert status == 200
+    assert [item["status"] for item in body["responses"]] == [200] * 100
+    kept = [item["headers"] for item in body["responses"] if not item.get("headers_dropped")]
+    assert all(len(headers) >= 16 and headers["x-h15"] == "v" * 2048 for headers in kept)
+    assert body["summary"]["headers_dropped"] == 100 - len(kept) >= 98
+    assert peak < 100 * 16 * 2048
 
-    def answered(size: int) -> ItemReport:
-        return ItemReport(id="i", attempts=1, elapsed_s=0.0, response=UpstreamResponse(200, {}, b"x" * size, False))
+
+def test_held_answers_let_the_largest_bodies_go_then_headers_and_give_the_rest_back() -> None:
+    held = HeldAnswers(10)
+
+    def answered(size: int, headers: dict[str, str] | None = None) -> ItemReport:
+        response = UpstreamResponse(200, headers or {}, b"x" * size, False)
+        return ItemReport(id="i", attempts=1, elapsed_s=0.0, response=response)
 
     sizes = [5, 1, 7, 3, 3, 12]
     without = [held.hold(index, answered(size)) for index, size in enumerate(sizes)]
@@ -238,6 +257,18 @@ def test_held_bodies_let_the_largest_go_past_the_budget_and_give_the_rest_back()
     back = [held.give_back(index, report) for index, report in enumerate(without)]
     assert [report.body_dropped for report in back] == [True, False, True, False, False, True]
     assert [len(report.response.body) for report in back if report.response] == [0, 1, 0, 3, 3, 0]
+    assert not any(report.headers_dropped for report in back)
+
+    held = HeldAnswers(10)
+    first = held.hold(0, answered(4, {"a": "bb"}))  # 4 + 3 bytes
+    second = held.hold(1, answered(0, {"c": "dddd"}))  # 5 more (12): a body goes before any headers
+    assert held.total == 8
+    back = [held.give_back(0, first), held.give_back(1, second)]
+    assert [(report.body_dropped, report.headers_dropped) for report in back] == [(True, False), (False, False)]
+    assert [report.response.headers for report in back if report.response] == [{"a": "bb"}, {"c": "dddd"}]
+    third = held.hold(2, answered(0, {"e": "f" * 9}))  # 10 more (18), no body left: the largest headers go
+    assert (held.give_back(2, third).headers_dropped, held.total) == (True, 8)
+
     unanswered = ItemReport(id="e", attempts=1, elapsed_s=0.0, error="ConnectError")
     assert held.hold(6, unanswered) is unanswered and held.give_back(6, unanswered) is unanswered
 

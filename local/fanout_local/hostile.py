@@ -8,6 +8,7 @@ Each is served by `LocalUpstream` under its path (GET, query parameters optional
 - `/bad-json`: `application/json` that is not JSON;
 - `/json?kind=nan|infinity|big|surrogate|deep` (`&depth=50000`): JSON Python reads but cannot write back;
 - `/many-headers?n=10000`: that many response headers;
+- `/fat-headers?n=90&size=4000`: `n` headers of `size` bytes each (a head both clients take);
 - `/non-utf8`: a text body and a header value that are not UTF-8;
 - `/quotes?n=262144`: a text body of `n` double quotes (each escaped twice on its way to the caller);
 - `/encoded?as=gzip|deflate|raw-deflate|br` (`&bad=1`): "hello, encoded" with that Content-Encoding,
@@ -115,9 +116,10 @@ async def _answer(path: str, query: dict[str, str], writer: asyncio.StreamWriter
         headers = [("content-type", "text/plain"), ("content-encoding", encoding.removeprefix("raw-"))]
         writer.write(_head("200 OK", [*headers, ("content-length", str(len(body)))], keep_alive) + body)
         return True
-    if path == "/many-headers":
-        count = int(query.get("n", "10000"))
-        headers = [(f"x-h{index}", "v") for index in range(count)]
+    if path in ("/many-headers", "/fat-headers"):
+        count = int(query.get("n", "10000" if path == "/many-headers" else "90"))
+        value = "v" * int(query.get("size", "1" if path == "/many-headers" else "4000"))
+        headers = [(f"x-h{index}", value) for index in range(count)]
         writer.write(_head("200 OK", [*headers, ("content-length", "0")], keep_alive))
         return True
     return None

@@ -49,7 +49,7 @@ from fanout.engine import (
     Strategy,
     fan_out,
 )
-from fanout.held_bodies import HeldBodies
+from fanout.held_answers import HeldAnswers
 from fanout.observability import UpstreamRecord, traced_attempt
 from fanout.politeness import NO_TARGETS, UNANSWERED, Politeness, TargetLimiter, TargetReport, retry_after_seconds
 from fanout.targets import TargetScope
@@ -98,6 +98,7 @@ class ItemReport(NamedTuple):
     skipped: str | None = None
     latencies_ms: tuple[float, ...] = ()  # one per attempt that ended
     body_dropped: bool = False  # let go while the call ran, to hold no more than its answer can use
+    headers_dropped: bool = False  # likewise
 
     @property
     def ok(self) -> bool:
@@ -205,9 +206,9 @@ class BatchRunner:
         fail_fast: bool,
         held_bytes: int | None = None,
     ) -> BatchRun:
-        """Every item through its attempts; `held_bytes`: the most its bodies may hold (fanout.held_bodies)."""
+        """Every item through its attempts; `held_bytes`: the most its answers may hold (fanout.held_answers)."""
         progress = _Progress.of(len(items))
-        held = HeldBodies(held_bytes) if held_bytes is not None else None
+        held = HeldAnswers(held_bytes) if held_bytes is not None else None
         since = self.politeness.counters()
         stop = asyncio.Event() if fail_fast else None
         deadline = time.monotonic() + budget_s

@@ -24,7 +24,7 @@ from fanout.batch import BatchItem, BatchRun
 from fanout.batch_response import fits, render
 from fanout.budget import call_budget_s
 from fanout.engine import Strategy
-from fanout.held_bodies import HELD_BODIES_FACTOR
+from fanout.held_answers import HELD_ANSWERS_FACTOR
 from fanout.observability import CallReport, CallTally, Telemetry, call_span
 from fanout.settings import ENV_PREFIX, Settings
 from fanout.strict_json import BodyError, encode_json, parse_body
@@ -207,7 +207,7 @@ def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telem
                 concurrency=concurrency,
                 budget_s=budget,
                 fail_fast=call.fail_fast,
-                held_bytes=HELD_BODIES_FACTOR * settings.max_response_bytes,
+                held_bytes=HELD_ANSWERS_FACTOR * settings.max_response_bytes,
             )
         telemetry.report(
             CallReport(

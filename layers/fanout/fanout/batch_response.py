@@ -136,6 +136,7 @@ def render(reports: Sequence[ItemReport], summary: dict[str, Any], max_bytes: in
     total = frame + summary_room + sum(item.size for item in items)
     dropped = {name: 0 for _, name in _PARTS}
     dropped["bodies_dropped"] = sum(report.body_dropped for report in reports)  # let go while the call ran
+    dropped["headers_dropped"] = sum(report.headers_dropped for report in reports)
     for part, name in _PARTS:
         candidates = sorted((item for item in items if item.droppable(part)), key=lambda item: item.size)
         while total > max_bytes and candidates:
@@ -158,6 +159,8 @@ def _fields(report: ItemReport) -> dict[str, Any]:
         if report.body_dropped:
             out.update(body=None, body_dropped=True)
             out.pop("encoding", None)
+        if report.headers_dropped:
+            out.update(headers=None, headers_dropped=True)
     elif report.skipped is not None:
         out["skipped"] = report.skipped
     else:
