@@ -697,24 +697,25 @@ def test_the_worker_refuses_to_start_without_its_resources(monkeypatch: pytest.M
         Worker(Settings(), timeout_s=30, memory_mb=512)
 
 
-def test_the_worker_refuses_to_start_if_its_chunks_bodies_could_fill_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two chunks of 1,000 items, each body up to 256 KiB: 500 MiB, over half of 512 MB (and a chunk that
-    met such bodies would kill the worker on every delivery). It names the three numbers and the way out."""
-    from fanout.jobs.worker import Worker, check_bodies_fit
+def test_the_worker_refuses_to_start_if_its_chunks_answers_could_fill_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two chunks of 1,000 items, each answer up to 256 KiB of body and 64 KiB of headers: 625 MiB, over
+    half of 1024 MB (and a chunk that met such answers would kill the worker on every delivery). It names
+    the numbers and the way out."""
+    from fanout.jobs.worker import Worker, check_answers_fit
     from fanout.settings import ConfigError
 
     resources = {name: "x" for name in ("jobs_table", "input_bucket", "results_bucket", "chunk_queue_url")}
     settings = Settings(**resources, dead_letter_queue_arn="x", worker_batch_size=2, chunk_items=1000)
     with pytest.raises(ConfigError) as refused:
-        Worker(settings, timeout_s=30, memory_mb=512)
+        Worker(settings, timeout_s=30, memory_mb=1024)
     assert str(refused.value) == (
-        "Invalid configuration: FANOUT_WORKER_BATCH_SIZE (2) x FANOUT_CHUNK_ITEMS (1000) x FANOUT_MAX_ITEM_BYTES "
-        "(262144) is 500 MiB of upstream bodies held at once, over half the worker's memory (512 MB, "
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE): lower ChunkItems or WorkerBatchSize, or raise WorkerMemorySize"
+        "Invalid configuration: FANOUT_WORKER_BATCH_SIZE (2) x FANOUT_CHUNK_ITEMS (1000) x (FANOUT_MAX_ITEM_BYTES "
+        "(262144) + 65536 of headers) is 625 MiB of upstream answers held at once, over half the worker's memory "
+        "(1024 MB, AWS_LAMBDA_FUNCTION_MEMORY_SIZE): lower ChunkItems or WorkerBatchSize, or raise WorkerMemorySize"
     )
-    check_bodies_fit(settings, 1000)  # 500 MiB is half of 1000 MB (MiB each): the least that starts
+    check_answers_fit(settings, 1250)  # 625 MiB is half of 1250 MB (MiB each): the least that starts
     with pytest.raises(ConfigError):
-        check_bodies_fit(settings, 999)
+        check_answers_fit(settings, 1249)
     for told in ("", "512MB"):
         monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", told)
         with pytest.raises(ConfigError, match=f"AWS_LAMBDA_FUNCTION_MEMORY_SIZE \\(got '{told}'\\) must be"):

@@ -166,12 +166,12 @@ def test_the_chunk_queue_outlasts_the_worker_and_feeds_it_partial_failures(templ
     assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": "ChunkDeadLetterQueue.Arn"}
 
 
-def test_every_environments_worker_has_room_for_the_bodies_of_its_chunks(template: dict[str, Any]) -> None:
-    """The worker refuses to start when WorkerBatchSize x ChunkItems bodies could fill half its memory:
+def test_every_environments_worker_has_room_for_the_answers_of_its_chunks(template: dict[str, Any]) -> None:
+    """The worker refuses to start when WorkerBatchSize x ChunkItems answers could fill half its memory:
     the defaults and every samconfig environment must start, and the template tells the worker all three."""
     import tomllib
 
-    from fanout.jobs.worker import check_bodies_fit
+    from fanout.jobs.worker import check_answers_fit
 
     params = template["Parameters"]
     config = tomllib.loads((ROOT / "samconfig.toml").read_text())
@@ -179,7 +179,7 @@ def test_every_environments_worker_has_room_for_the_bodies_of_its_chunks(templat
         overrides = {} if env == "defaults" else config[env]["deploy"]["parameters"]["parameter_overrides"]
         chosen = {name: int(overrides.get(name, params[name]["Default"])) for name in ("WorkerBatchSize", "ChunkItems")}
         settings = Settings(worker_batch_size=chosen["WorkerBatchSize"], chunk_items=chosen["ChunkItems"])
-        check_bodies_fit(settings, int(overrides.get("WorkerMemorySize", params["WorkerMemorySize"]["Default"])))
+        check_answers_fit(settings, int(overrides.get("WorkerMemorySize", params["WorkerMemorySize"]["Default"])))
     worker = template["Resources"]["WorkerFunction"]["Properties"]
     assert worker["MemorySize"] == {"Ref": "WorkerMemorySize"}
     assert worker["Environment"]["Variables"]["FANOUT_WORKER_BATCH_SIZE"] == {"Ref": "WorkerBatchSize"}

@@ -185,6 +185,7 @@ def test_the_seed_routes_get_retry_after(get_status: Callable[[str], tuple[int, 
         ("/hang", "ReadTimeout"),  # connected, no answer
         ("/slow-headers?interval=0.05", "ReadTimeout"),  # the headers a byte at a time, past the timeout
         ("/many-headers?n=10000", "RemoteProtocolError"),  # a head no client takes
+        ("/fat-headers?n=90&size=4000", "RemoteProtocolError"),  # one both take: 360 KB, over MAX_HEAD_BYTES
     ],
 )
 def test_every_failure_has_the_same_name_on_every_transport(
@@ -193,6 +194,12 @@ def test_every_failure_has_the_same_name_on_every_transport(
     with pytest.raises(RequestError) as error:
         send(path, timeout_s=0.5)
     assert error.value.kind == kind
+
+
+def test_a_head_within_max_head_bytes_comes_back_whole(send: Callable[..., UpstreamResponse]) -> None:
+    response = send("/fat-headers?n=15&size=4000")  # 60 KB of 64 KiB
+    assert response.status == 200
+    assert [response.headers[f"x-h{index}"] for index in range(15)] == ["v" * 4000] * 15
 
 
 @pytest.mark.parametrize(

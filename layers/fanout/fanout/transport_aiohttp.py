@@ -39,6 +39,7 @@ from fanout.transports import (
     Hop,
     Transport,
     UpstreamResponse,
+    checked_head,
     decoded_headers,
     is_redirect,
     read_capped,
@@ -107,19 +108,17 @@ class AiohttpTransport(Transport):
             async with session.request(
                 hop.method, url, headers=hop.headers, data=hop.body, allow_redirects=False, timeout=timeout
             ) as response:
-                if hop.follow and is_redirect(response.status, response.headers.get("Location")):
+                headers = checked_head(_response_headers(response))
+                if hop.follow and is_redirect(response.status, headers.get("location")):
                     await _discard(response)
-                    return UpstreamResponse(response.status, _response_headers(response), b"", False)
+                    return UpstreamResponse(response.status, headers, b"", False)
                 data, truncated, decoded = await read_capped(
-                    _chunks(response), response.headers.get("Content-Encoding", ""), hop.max_body_bytes
+                    _chunks(response), headers.get("content-encoding", ""), hop.max_body_bytes
                 )
                 if truncated:
                     response.close()  # the rest is never read: this connection cannot be reused
                 return UpstreamResponse(
-                    status=response.status,
-                    headers=decoded_headers(_response_headers(response), decoded),
-                    body=data,
-                    truncated=truncated,
+                    status=response.status, headers=decoded_headers(headers, decoded), body=data, truncated=truncated
                 )
         except RequestError:
             raise

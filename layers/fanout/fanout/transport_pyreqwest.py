@@ -50,6 +50,7 @@ from fanout.transports import (
     Hop,
     Transport,
     UpstreamResponse,
+    checked_head,
     decoded_headers,
     is_redirect,
     read_capped,
@@ -100,7 +101,7 @@ class PyreqwestTransport(Transport):
             if hop.body is not None:
                 request = request.body_bytes(hop.body)
             async with request.build_streamed() as response:
-                answer = _response_headers(response)
+                answer = checked_head(_response_headers(response))
                 location = answer.get("location")  # equivalent: 'location' -> 'XX..XX' (its body read, not discarded)
                 if hop.follow and is_redirect(response.status, location):
                     return UpstreamResponse(response.status, answer, b"", False)  # pragma: no mutate (followed)

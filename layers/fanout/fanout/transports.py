@@ -21,7 +21,9 @@ Bounds on each request, whatever the upstream does:
   per host) are taken before the clock runs, so waiting for them is bounded by the
   caller's deadline, never a spurious timeout;
 - memory: a body is read as a stream and cut at its cap, decompressed by us with
-  a bounded output (a gzip bomb yields the cap, not gigabytes); the seed routes,
+  a bounded output (a gzip bomb yields the cap, not gigabytes); a head over
+  `MAX_HEAD_BYTES` is a `RemoteProtocolError` (each answer's headers are kept with
+  it, and both clients take some 400 KB of them); the seed routes,
   which report only the status, read at most `DISCARD_BYTES` and then drop the
   connection instead of reading on;
 - redirects: followed by hand, each hop checked against the target's scope and
@@ -56,6 +58,7 @@ DISCARD_BYTES = 64 * 1024  # what the seed routes read of a body before they dro
 ACCEPT_ENCODING = "gzip, deflate"  # what _Decoder can decode; nothing else is asked for
 DECODING_ERROR = "DecodingError"
 USER_AGENT = "fanout"  # what every request says it comes from, unless its caller set one
+MAX_HEAD_BYTES = 64 * 1024  # a response's header names and values: far past any real head, far below 400 KB
 #: A connect still pending at this share of a request's time is cut and named ConnectTimeout (the rest
 #: could hardly carry a request and its answer); without it the whole-request clock would cut it first,
 #: and a connect that never completes would read as a late answer (ReadTimeout).
@@ -294,6 +297,14 @@ async def read_capped(chunks: AsyncIterator[bytes], content_encoding: str, max_b
             if decoder is not None and not out:
                 break  # the decoder holds what it took; more input comes with the next chunk
     return b"".join(parts), False, decoder is not None
+
+
+def checked_head(headers: dict[str, str]) -> dict[str, str]:
+    """The response's headers, if they fit MAX_HEAD_BYTES; else the request fails as the server's fault."""
+    size = sum(len(name) + len(value) for name, value in headers.items())
+    if size > MAX_HEAD_BYTES:
+        raise RequestError("RemoteProtocolError", f"the response's headers are {size} bytes; at most {MAX_HEAD_BYTES}")
+    return headers
 
 
 def decoded_headers(headers: dict[str, str], decoded: bool) -> dict[str, str]:

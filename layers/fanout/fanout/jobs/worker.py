@@ -27,10 +27,11 @@ from fanout.jobs.split import SplitQueue, split_input
 from fanout.jobs.store import JobStore
 from fanout.runner import build_runner
 from fanout.settings import ConfigError, Settings
+from fanout.transports import MAX_HEAD_BYTES
 
 DEAD_LETTER_REASON = "the chunk failed on every delivery and was moved to the dead-letter queue"
 REQUIRED = ("jobs_table", "input_bucket", "results_bucket", "chunk_queue_url", "dead_letter_queue_arn")
-BODIES_SHARE = 0.5  # of the worker's memory, for the upstream bodies its chunks hold at once
+ANSWERS_SHARE = 0.5  # of the worker's memory, for the upstream answers its chunks hold at once
 
 
 class Worker:
@@ -40,7 +41,7 @@ class Worker:
         missing = [f"FANOUT_{name.upper()}" for name in REQUIRED if not getattr(settings, name)]
         if missing:
             raise ConfigError(f"Invalid configuration: the worker needs {', '.join(missing)} (set by template.yaml)")
-        check_bodies_fit(settings, memory_mb)
+        check_answers_fit(settings, memory_mb)
         self.settings = settings
         runner = build_runner(settings)
         self.sqs = boto3.client("sqs")
@@ -116,16 +117,17 @@ def lambda_memory_mb() -> int:
     return int(given)
 
 
-def check_bodies_fit(settings: Settings, memory_mb: int) -> None:
-    """A chunk holds each item's body (cut at FANOUT_MAX_ITEM_BYTES) until its results are written, and
-    an invocation runs its batch's chunks at once. If that could fill the worker, a chunk that meets
-    large bodies would kill it on every delivery: refuse the configuration at cold start instead."""
+def check_answers_fit(settings: Settings, memory_mb: int) -> None:
+    """A chunk holds each item's answer (its body cut at FANOUT_MAX_ITEM_BYTES, its headers at most
+    MAX_HEAD_BYTES) until its results are written, and an invocation runs its batch's chunks at once.
+    If that could fill the worker, a chunk that meets large answers would kill it on every delivery:
+    refuse the configuration at cold start instead."""
     batch, items, each = settings.worker_batch_size, settings.chunk_items, settings.max_item_bytes
-    most, room = batch * items * each, int(memory_mb * 2**20 * BODIES_SHARE)
+    most, room = batch * items * (each + MAX_HEAD_BYTES), int(memory_mb * 2**20 * ANSWERS_SHARE)
     if most > room:
         raise ConfigError(
             f"Invalid configuration: FANOUT_WORKER_BATCH_SIZE ({batch}) x FANOUT_CHUNK_ITEMS ({items}) x "
-            f"FANOUT_MAX_ITEM_BYTES ({each}) is {most / 2**20:.0f} MiB of upstream bodies held at once, over "
-            f"half the worker's memory ({memory_mb} MB, AWS_LAMBDA_FUNCTION_MEMORY_SIZE): lower ChunkItems or "
-            "WorkerBatchSize, or raise WorkerMemorySize"
+            f"(FANOUT_MAX_ITEM_BYTES ({each}) + {MAX_HEAD_BYTES} of headers) is {most / 2**20:.0f} MiB of "
+            f"upstream answers held at once, over half the worker's memory ({memory_mb} MB, "
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE): lower ChunkItems or WorkerBatchSize, or raise WorkerMemorySize"
         )
