@@ -2,14 +2,14 @@
 
 Each line is a /batch request item, checked as /batch checks it (a line that is not
 one, or is longer than a /batch body may be, is that item's `InvalidItem` error, never
-the chunk's failure). The results file
-holds one line per item, in input order, each the /batch response item with the
-input `line` number first, spooled as it is made (never held in memory beside the
-reports). Its key is the chunk's own and it is written once
-(JobFiles.put_results_once), before the chunk is recorded: an attempt that finds it
-written (an earlier attempt ran the chunk and died before recording it) records that
-file without sending the chunk's requests again; two attempts that finish together
-record the same file, and only the lease holder's record (store.commit) counts.
+the chunk's failure). The results file holds one line per item, in input order, each
+the /batch response item with the input `line` number first, spooled as it is made
+(never held in memory beside the reports). Its key is the chunk's own and it is
+written once (JobFiles.put_results_once), before the chunk is recorded: an attempt
+that finds it written (an earlier attempt ran the chunk and died before recording
+it) records that file without sending the chunk's requests again; two attempts that
+finish together record the same file, and only the lease holder's record
+(store.commit) counts.
 
 `finish_if_done` ends a job once its last chunk is recorded: the manifest first, then
 the status, so a job that reads as ended always has its manifest.
