@@ -11,7 +11,7 @@ import math
 import reprlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -84,15 +84,13 @@ def create_app(
     if settings.routes in ("all", "sync", "async", "async_sem"):
         _add_seed_routes(app, settings, transport, politeness, telemetry)
     if settings.routes in ("all", "batch"):
-        from fanout.batch_api import add_batch_route, batch_schemas
+        from fanout.batch_api import add_batch_route
 
         add_batch_route(app, settings, build_runner(settings, transport, politeness).run, telemetry)
-        _add_to_openapi_components(app, batch_schemas)  # its route reads the body itself
     if settings.routes == "jobs" or (settings.routes == "all" and settings.jobs_table):
-        from fanout.jobs.api import add_job_routes, job_schemas  # boto3 is imported only where it is used
+        from fanout.jobs.api import add_job_routes  # boto3 is imported only where it is used
 
         add_job_routes(app, settings)
-        _add_to_openapi_components(app, job_schemas)  # its route reads the body itself
     return app
 
 
@@ -181,19 +179,6 @@ def _add_seed_routes(
     ):
         if settings.routes in ("all", name):
             app.get(path)(endpoint)
-
-
-def _add_to_openapi_components(app: FastAPI, schemas: Callable[[], dict[str, Any]]) -> None:
-    """Add models no route's signature names to the OpenAPI components, built when first asked for."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(schemas())
-        return app.openapi_schema or {}
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _record(

@@ -26,6 +26,7 @@ from fanout.budget import call_budget_s
 from fanout.engine import Strategy
 from fanout.held_answers import HELD_ANSWERS_FACTOR
 from fanout.observability import CallReport, CallTally, Telemetry, call_span
+from fanout.openapi_body import add_components, body_of
 from fanout.settings import ENV_PREFIX, Settings
 from fanout.strict_json import BodyError, encode_json, parse_body
 from fanout.targets import TargetScope, check_path, target_url
@@ -137,19 +138,6 @@ def _check_text_and_depth(name: str, value: Any) -> None:
             pending.extend((child, depth + 1) for child in children)
 
 
-#: POST /batch's body in the OpenAPI document: the route reads the body itself (strictly, whatever its type).
-BATCH_REQUEST_BODY = {
-    "required": True,
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}},
-}
-
-
-def batch_schemas() -> dict[str, Any]:
-    """BatchRequest and the models it uses, as OpenAPI components."""
-    schema = BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
-    return {**schema.pop("$defs", {}), "BatchRequest": schema}
-
-
 def read_batch(data: bytes) -> BatchRequest:
     """The body as a BatchRequest, or a RequestValidationError whose message names the field."""
     try:
@@ -170,11 +158,12 @@ def read_batch(data: bytes) -> BatchRequest:
 def add_batch_route(app: FastAPI, settings: Settings, run: Any, telemetry: Telemetry) -> None:
     """Register POST /batch; `run(items, strategy=..., concurrency=..., budget_s=..., fail_fast=...)`."""
     scopes = {name: TargetScope.of(name, target) for name, target in settings.upstreams.items()}
+    add_components(app, BatchRequest)
 
     @app.post(
         "/batch",
         responses={502: {}, 413: {}, 422: {}},
-        openapi_extra={"requestBody": BATCH_REQUEST_BODY},
+        openapi_extra=body_of(BatchRequest),  # the route reads the body itself
     )
     async def batch(request: Request) -> Response:
         """Send a list of different requests to named upstreams; every one comes back, in order."""

@@ -27,6 +27,7 @@ from fanout.jobs import messages
 from fanout.jobs.files import JobFiles, inline_key, upload_key
 from fanout.jobs.messages import SplitInput
 from fanout.jobs.store import ENDED, JobStatus, JobStore
+from fanout.openapi_body import add_components, body_of
 from fanout.settings import ENV_PREFIX, ConfigError, Settings
 from fanout.strict_json import BodyError, parse_body
 from fanout.targets import TargetScope
@@ -63,19 +64,6 @@ class JobRequest(BaseModel):
                 raise ValueError(f"request ids must be unique: {item.id!r} appears more than once")
             seen.add(item.id)
         return self
-
-
-#: POST /jobs's body in the OpenAPI document: the route reads the body itself (strictly, as /batch does).
-JOB_REQUEST_BODY = {
-    "required": True,
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}},
-}
-
-
-def job_schemas() -> dict[str, Any]:
-    """JobRequest and the models it uses, as OpenAPI components."""
-    schema = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
-    return {**schema.pop("$defs", {}), "JobRequest": schema}
 
 
 def _input_line(item: BatchRequestItem) -> bytes:
@@ -241,6 +229,7 @@ class JobsApi:
 
 def add_job_routes(app: FastAPI, settings: Settings) -> None:
     jobs = JobsApi(settings)
+    add_components(app, JobRequest)
 
     @app.post("/jobs/uploads", status_code=201)
     def upload() -> dict[str, Any]:
@@ -253,7 +242,7 @@ def add_job_routes(app: FastAPI, settings: Settings) -> None:
             "max_bytes": settings.max_upload_bytes,
         }
 
-    @app.post("/jobs", status_code=202, responses={413: {}, 422: {}}, openapi_extra={"requestBody": JOB_REQUEST_BODY})
+    @app.post("/jobs", status_code=202, responses={413: {}, 422: {}}, openapi_extra=body_of(JobRequest))
     async def submit(request: Request, response: Response) -> dict[str, Any]:
         data = await request.body()
         if len(data) > settings.max_body_bytes:
