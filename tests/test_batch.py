@@ -251,10 +251,13 @@ def test_held_answers_let_the_largest_bodies_go_then_headers_and_give_the_rest_b
         return ItemReport(id="i", attempts=1, elapsed_s=0.0, response=response)
 
     sizes = [5, 1, 7, 3, 3, 12]
-    without = [held.hold(index, answered(size)) for index, size in enumerate(sizes)]
-    assert all(report.response is not None and report.response.body == b"" for report in without)
+    kept = [held.hold(index, answered(size)) for index, size in enumerate(sizes)]
     assert held.total == 7  # the 7 went when it came (13 held), the 5 with the second 3 (12), the 12 itself
-    back = [held.give_back(index, report) for index, report in enumerate(without)]
+    # handed back whole while those fit the budget (5, 1, 3: 9), the rest without their bodies (held here)
+    assert [len(report.response.body) for report in kept if report.response] == [5, 1, 0, 3, 0, 0]
+    held_here = {index: len(body) for index, (body, _) in held._parts.items()}
+    assert held_here == {2: 0, 4: 3, 5: 0}  # of the 7, 3 and 12 that came past it, the two let go are freed
+    back = [held.give_back(index, report) for index, report in enumerate(kept)]
     assert [report.body_dropped for report in back] == [True, False, True, False, False, True]
     assert [len(report.response.body) for report in back if report.response] == [0, 1, 0, 3, 3, 0]
     assert not any(report.headers_dropped for report in back)
