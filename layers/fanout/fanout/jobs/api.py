@@ -122,13 +122,6 @@ class JobsApi:
                 _refuse(("body", "targets", name), f"unknown target; allowed: {allowed}")
         for index, item in enumerate(job.requests or ()):
             to_batch_item(index, item, self.settings, self.scopes)  # unknown targets, headers: a 422 now
-            size, most = len(_input_line(item)), self.settings.max_body_bytes
-            if size > most:  # a worker would refuse the line: written back, 1e5 is 100000.0
-                _refuse(
-                    ("body", "requests", index),
-                    f"the item is {size} bytes as a line of the job's input; "
-                    f"at most {most} ({ENV_PREFIX}MAX_BODY_BYTES)",
-                )
         if job.requests is not None and len(job.requests) > self.settings.max_job_items:
             _refuse(
                 ("body", "requests"),
@@ -148,7 +141,15 @@ class JobsApi:
                 raise HTTPException(413, f"the upload is {size} bytes; at most {most} ({ENV_PREFIX}MAX_UPLOAD_BYTES)")
         else:
             key = inline_key(job_id)
-            self.files.put_input(key, b"".join(_input_line(item) + b"\n" for item in job.requests or ()))
+            lines = [_input_line(item) for item in job.requests or ()]
+            for index, line in enumerate(lines):
+                if len(line) > self.settings.max_body_bytes:  # a worker would refuse it: written back, 1e5 is 100000.0
+                    _refuse(
+                        ("body", "requests", index),
+                        f"the item is {len(line)} bytes as a line of the job's input; "
+                        f"at most {self.settings.max_body_bytes} ({ENV_PREFIX}MAX_BODY_BYTES)",
+                    )
+            self.files.put_input(key, b"".join(line + b"\n" for line in lines))
         spec = {
             "strategy": job.strategy,
             "concurrency": job.concurrency,
