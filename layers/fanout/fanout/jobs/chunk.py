@@ -157,7 +157,7 @@ async def _run_lines(
 
 def _read_lines(message: RunChunk, files: JobFiles, max_line_bytes: int) -> list[tuple[int, Line]]:
     """The chunk's non-blank lines with their line numbers in the input file."""
-    lines = files.read_lines(message.key, message.start, message.end, max_line_bytes)
+    lines = files.read_lines(message.key, max_line_bytes, start=message.start, end=message.end)
     return [(message.first_line + position, line) for position, line in enumerate(lines) if not line.blank]
 
 

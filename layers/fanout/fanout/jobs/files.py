@@ -113,18 +113,14 @@ class JobFiles:
     def put_input(self, key: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.input_bucket, Key=key, Body=data, ContentType="application/x-ndjson")
 
-    def read_lines(self, key: str, start: int, end: int, max_line_bytes: int) -> Iterator[Line]:
-        """The lines in bytes [start, end) of an input file (one chunk's), read a block at a time."""
-        if end <= start:
+    def read_lines(self, key: str, max_line_bytes: int, *, start: int = 0, end: int | None = None) -> Iterator[Line]:
+        """The lines of an input file, or of its bytes [start, end) (one chunk's), read a block at a
+        time: a file of any size, and a line of any length, costs a block and a line's cap of memory."""
+        if end is not None and end <= start:
             return iter(())
-        answer = self.s3.get_object(Bucket=self.input_bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-        return bounded_lines(answer["Body"].iter_chunks(READ_BLOCK_BYTES), max_line_bytes, offset=start)
-
-    def lines_with_offsets(self, key: str, max_line_bytes: int) -> Iterator[Line]:
-        """Every line of an input file, read a block at a time: a file of any size, and a line of any
-        length, costs a block and a line's cap of memory."""
-        body = self.s3.get_object(Bucket=self.input_bucket, Key=key)["Body"]
-        return bounded_lines(body.iter_chunks(READ_BLOCK_BYTES), max_line_bytes)
+        ranged = {} if end is None else {"Range": f"bytes={start}-{end - 1}"}
+        body = self.s3.get_object(Bucket=self.input_bucket, Key=key, **ranged)["Body"]
+        return bounded_lines(body.iter_chunks(READ_BLOCK_BYTES), max_line_bytes, offset=start)
 
     def put_results_once(self, key: str, lines: Iterable[str], counts: ChunkCounts) -> ChunkCounts:
         """Write a chunk's results unless its file exists; the counts of the file that stays (ours, or

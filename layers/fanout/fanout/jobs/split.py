@@ -50,7 +50,7 @@ def split_input(
     if job["status"] == JobStatus.QUEUED:
         store.start(message.job_id, now_ms())
     cutter = _Cutter(message, already_sent=int(job["split_sent"]), chunk_items=chunk_items)
-    for line in files.lines_with_offsets(message.key, max_line_bytes):
+    for line in files.read_lines(message.key, max_line_bytes):
         if cutter.total == max_items and not line.blank:
             cutter.close()
             cutter.send(store, queue)
