@@ -22,6 +22,8 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING
 
+from fanout.transports import head_bytes
+
 if TYPE_CHECKING:
     from fanout.batch import ItemReport
 
@@ -64,7 +66,7 @@ class HeldAnswers:
         if response is None:
             return report
         body_size = len(response.body)
-        headers_size = sum(len(name) + len(value) for name, value in response.headers.items())
+        headers_size = head_bytes(response.headers)
         self._bodies.add(index, body_size)
         self._headers.add(index, headers_size)
         self.total += body_size + headers_size

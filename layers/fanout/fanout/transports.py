@@ -299,9 +299,14 @@ async def read_capped(chunks: AsyncIterator[bytes], content_encoding: str, max_b
     return b"".join(parts), False, decoder is not None
 
 
+def head_bytes(headers: dict[str, str]) -> int:
+    """What a response's headers take, names and values: what MAX_HEAD_BYTES bounds."""
+    return sum(len(name) + len(value) for name, value in headers.items())
+
+
 def checked_head(headers: dict[str, str]) -> dict[str, str]:
     """The response's headers, if they fit MAX_HEAD_BYTES; else the request fails as the server's fault."""
-    size = sum(len(name) + len(value) for name, value in headers.items())
+    size = head_bytes(headers)
     if size > MAX_HEAD_BYTES:
         raise RequestError("RemoteProtocolError", f"the response's headers are {size} bytes; at most {MAX_HEAD_BYTES}")
     return headers
