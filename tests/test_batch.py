@@ -593,6 +593,52 @@ class UnavailableTransport:
         return UpstreamResponse(status=503, headers={}, body=b"", truncated=False)
 
 
+class ScriptedTransport:
+    """Answers from a script, one step per request: a status, or the kind of a RequestError."""
+
+    def __init__(self, *script: int | str) -> None:
+        self.script = list(script)
+        self.sent = 0
+
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        self.sent += 1
+        step = self.script.pop(0)
+        if isinstance(step, str):
+            raise RequestError(step)
+        return UpstreamResponse(status=step, headers={}, body=b"", truncated=False)
+
+
+@pytest.mark.parametrize(
+    ("script", "status", "error", "backoffs"),
+    [
+        ((200,), 200, None, []),
+        ((404,), 404, None, []),
+        (("InvalidURL",), None, "InvalidURL", []),
+        ((503, 200), 200, None, [1]),
+        (("ConnectError", "ReadError", 200), 200, None, [1, 2]),
+        (("ConnectError", 502, 504), 504, None, [1, 2, 3]),  # the third spends the last attempt
+    ],
+)
+def test_every_attempt_is_sent_once_and_backs_off_by_its_number(
+    script: tuple[int | str, ...], status: int | None, error: str | None, backoffs: list[int]
+) -> None:
+    """The first attempt goes out before tenacity is asked; a retry must still back off from it as
+    attempt 1, and never send it again."""
+    transport = ScriptedTransport(*script)
+    runner = stand_in_runner(transport, ceiling=10)
+    backed_off_after: list[int] = []
+
+    def no_wait(state: RetryCallState) -> float:
+        backed_off_after.append(state.attempt_number)
+        return 0.0
+
+    runner._jitter = no_wait  # type: ignore[assignment,method-assign]
+    result = run(runner.run(stand_in_items(1), strategy=Strategy.SYNC, concurrency=1, budget_s=5, fail_fast=False))
+    (report,) = result.reports
+    assert (status_of(report), report.error, report.attempts, transport.sent) == (status, error, *[len(script)] * 2)
+    assert backed_off_after == backoffs
+
+
 def test_a_retry_whose_backoff_ends_past_the_budget_is_not_waited_for() -> None:
     """The item reports the answer it got, in time, instead of sleeping into the deadline."""
     runner = stand_in_runner(UnavailableTransport(), ceiling=1)
