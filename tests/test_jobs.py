@@ -21,7 +21,7 @@ from typing import Any
 
 import boto3
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from moto import mock_aws
 
@@ -361,7 +361,7 @@ def test_results_lines_stay_near_their_bodies_size_whatever_the_upstream_sends(
     assert "encoding" not in delay and isinstance(delay["body"], dict)  # JSON stays JSON
 
 
-HOSTILE_PIECES = [b'"', b"\x01", b"\\", b"\xe2\x80\xa8", b"a", b"[1,", b"1]", b"{}", b","]
+HOSTILE_PIECES = [b'"', b"\x01", b"\\", b"\xe2\x80\xa8", b"a", b"[1,", b"1]", b"{}", b",", b'"\\ud800"']
 
 
 @given(
@@ -369,12 +369,13 @@ HOSTILE_PIECES = [b'"', b"\x01", b"\\", b"\xe2\x80\xa8", b"a", b"[1,", b"1]", b"
     content_type=st.sampled_from(["text/plain", "application/json", "application/octet-stream"]),
     truncated=st.booleans(),
 )
+@example(body=b'["\\ud800", 1]', content_type="application/json", truncated=False)  # JSON, but not in UTF-8
 def test_a_results_line_gives_the_body_back_and_stays_near_its_size(
     body: bytes, content_type: str, truncated: bool
 ) -> None:
     response = UpstreamResponse(200, {"content-type": content_type}, body, truncated)
     line = item_line(ItemReport(id="i", attempts=1, elapsed_s=0.01, response=response), line=7)
-    written = json.loads(line)
+    written = json.loads(line.encode("utf-8"))  # as the results file holds it: a lone surrogate could not be
     assert (written["line"], written["id"], written["status"]) == (7, "i", 200)
     if written.get("encoding") == "base64":
         assert base64.b64decode(written["body"]) == body

@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -69,19 +69,7 @@ class _Item:
         self.measure()
 
     def measure(self) -> None:
-        """Serialize; a body that cannot be written as UTF-8 JSON falls back to text, then to base64."""
-        for fallback in (None, "text", "base64"):
-            if fallback is not None and self.fields.get("body") is not None:
-                response = self.report.response
-                assert response is not None
-                self.fields.update(_decode_body(response.body, "", response.truncated, force=fallback))
-            try:
-                self.text = json.dumps(self.fields, ensure_ascii=False, allow_nan=False)
-                self.size = posted_size(self.text)
-                return
-            except (ValueError, RecursionError):
-                continue
-        raise AssertionError(f"item {self.report.id!r} cannot be written even in base64")  # pragma: no cover
+        self.text, self.size = _written(self.fields, self.report, posted_size)
 
     def drop(self, part: str) -> None:
         if part == "body":
@@ -105,14 +93,35 @@ def item_line(report: ItemReport, **first: Any) -> str:
     A text body that escaping would make longer than its base64 (control characters take six
     bytes each) goes as base64: a line is then never much more than its body, so a chunk's
     results file is bounded by its bodies' cap whatever an upstream sends."""
-    item = _Item(report)
+    fields = {**first, **_fields(report)}
+    line, _ = _written(fields, report, _utf8_size)
     response = report.response
-    text = item.fields.get("body")
+    text = fields.get("body")
     if response is not None and isinstance(text, str) and _escapes_past_base64(text, response.body):
-        item.fields.update(_decode_body(response.body, "", response.truncated, force="base64"))
-    item.fields = {**first, **item.fields}
-    item.measure()
-    return item.text
+        fields.update(_decode_body(response.body, "", response.truncated, force="base64"))
+        line, _ = _written(fields, report, _utf8_size)
+    return line
+
+
+def _written(fields: dict[str, Any], report: ItemReport, measure: Callable[[str], int]) -> tuple[str, int]:
+    """`fields` as JSON and its `measure`; a body that cannot be written as UTF-8 JSON falls back to
+    text, then to base64 (in `fields`). `measure` raises ValueError for text that cannot go out."""
+    for fallback in (None, "text", "base64"):
+        if fallback is not None and fields.get("body") is not None:
+            response = report.response
+            assert response is not None
+            fields.update(_decode_body(response.body, "", response.truncated, force=fallback))
+        try:
+            text = json.dumps(fields, ensure_ascii=False, allow_nan=False)
+            return text, measure(text)
+        except (ValueError, RecursionError):
+            continue
+    raise AssertionError(f"item {report.id!r} cannot be written even in base64")  # pragma: no cover
+
+
+def _utf8_size(text: str) -> int:
+    """Bytes of `text` in a UTF-8 file; UnicodeEncodeError (a ValueError) for a lone surrogate."""
+    return len(text.encode("utf-8"))
 
 
 def _escapes_past_base64(text: str, data: bytes) -> bool:
