@@ -26,19 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
-
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    retry_if_result,
-    stop_any,
-    wait_random_exponential,
-)
 
 from fanout.engine import (
     DEADLINE_EXCEEDED,
@@ -58,6 +50,7 @@ from fanout.transports import Transport, UpstreamResponse
 if TYPE_CHECKING:
     from aiolimiter import AsyncLimiter
     from pyreqwest.http import Url
+    from tenacity import AsyncRetrying, RetryCallState
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -194,7 +187,12 @@ class BatchRunner:
             from aiolimiter import AsyncLimiter  # only a container with a rate cap loads it (about 1 ms)
 
             self.limiter = AsyncLimiter(rate_per_s, 1.0)
-        self._jitter = wait_random_exponential(multiplier=BACKOFF_BASE_S, max=BACKOFF_CAP_S)
+
+    @functools.cached_property
+    def _jitter(self) -> Callable[[RetryCallState], float]:
+        from tenacity import wait_random_exponential  # see _retrying
+
+        return wait_random_exponential(multiplier=BACKOFF_BASE_S, max=BACKOFF_CAP_S)
 
     async def run(
         self,
@@ -314,20 +312,26 @@ class BatchRunner:
         else:
             if not _retryable_status(first):
                 return first
-        retrying = AsyncRetrying(
-            stop=stop_any(
-                _stop_when_spent(progress.spent, index, self.max_attempts if item.retryable else 1),
-                _stop_past(deadline, target),
-            ),
-            wait=self._wait,
-            retry=retry_if_exception(_retryable_error) | retry_if_result(_retryable_status),
-            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
-        )
+        allowed = self.max_attempts if item.retryable else 1
+        retrying = self._retrying(_stop_when_spent(progress.spent, index, allowed), _stop_past(deadline, target))
         try:
             response: UpstreamResponse = await retrying(_replaying(first, attempt))
         except RequestError as exc:
             return exc
         return response
+
+    def _retrying(self, *stops: Callable[[RetryCallState], bool]) -> AsyncRetrying:
+        """The retry policy, for an item whose first attempt is to be retried: it stops at the first
+        of `stops`. Tenacity is loaded by a container's first retry (5 to 10 ms), not by its cold
+        start: most calls retry nothing."""
+        from tenacity import AsyncRetrying, retry_if_exception, retry_if_result, stop_any
+
+        return AsyncRetrying(
+            stop=stop_any(*stops),
+            wait=self._wait,
+            retry=retry_if_exception(_retryable_error) | retry_if_result(_retryable_status),
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
 
     async def _rate_limit(self, progress: _Progress) -> None:
         """Take a token of the container's rate limit, counting the attempts that had to wait."""
