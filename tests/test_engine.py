@@ -269,8 +269,10 @@ def test_the_deadline_cancels_no_sooner_than_the_clock_its_checks_read() -> None
     the client's own: the cancellation must wait for that clock."""
     assert type(asyncio.get_event_loop_policy()).__module__.startswith("uvloop")  # conftest's, as on Lambda
     cancelled_early: list[float] = []
+    sent: list[int] = []
 
     async def send(index: int) -> int:
+        sent.append(index)
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
@@ -281,11 +283,18 @@ def test_the_deadline_cancels_no_sooner_than_the_clock_its_checks_read() -> None
             raise RequestError("ReadTimeout", "the client's own timer") from None
         return 200
 
-    outcomes = []
-    for attempt in range(40):
+    outcomes: list[Outcome] = []
+    for attempt in range(200):
+        if len(outcomes) == 40:
+            break
         deadline_s = 0.003 + attempt % 8 * 0.0007  # where a millisecond clock rounds either way
         not_before = time.monotonic() + deadline_s
-        outcomes += run(fan_out(send, n=1, strategy=Strategy.SYNC, concurrency=1, deadline_s=deadline_s)).outcomes
+        sent_before = len(sent)
+        (outcome,) = run(fan_out(send, n=1, strategy=Strategy.SYNC, concurrency=1, deadline_s=deadline_s)).outcomes
+        if len(sent) == sent_before:  # a busy machine held the call past its few milliseconds before it sent
+            assert outcome == Outcome(skipped=SKIPPED_DEADLINE)
+            continue
+        outcomes.append(outcome)
     assert [early for early in cancelled_early if early > 0] == []
     assert outcomes == [Outcome(error=DEADLINE_EXCEEDED)] * 40
 
