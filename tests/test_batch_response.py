@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from fanout.batch import ItemReport
 from fanout.batch_response import ENVELOPE_BYTES, MINIMAL_ITEM_BYTES, _Item, fits, posted_size, render
 from fanout.settings import Settings
+from fanout.strict_json import loads_upstream
 from fanout.transports import UpstreamResponse
 
 
@@ -138,3 +139,32 @@ def test_an_item_with_everything_dropped_is_within_the_bound_fits_counts() -> No
             if item.droppable(part):
                 item.drop(part)
         assert item.size - posted_size('""') + 1 <= MINIMAL_ITEM_BYTES  # the id aside, its comma counted
+
+
+def _json_loads_or_error(data: bytes) -> Any:
+    def refuse(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        return json.loads(data, parse_constant=refuse)
+    except (ValueError, RecursionError) as exc:
+        return type(exc)
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(
+        st.binary(max_size=60),
+        json_values.map(lambda value: json.dumps(value, ensure_ascii=False).encode("utf-8")),
+        json_values.map(lambda value: json.dumps(value).encode("utf-16")),
+        st.sampled_from([b"NaN", b"[Infinity]", b"-Infinity", b"\xef\xbb\xbf[1]", b"1e400", b'"\\ud800"']),
+    )
+)
+def test_an_upstream_body_is_read_as_json_loads_reads_it_but_for_nan_and_infinity(data: bytes) -> None:
+    expected = _json_loads_or_error(data)
+    try:
+        got = loads_upstream(data)
+    except ValueError:
+        assert expected in (ValueError, json.JSONDecodeError, UnicodeDecodeError, RecursionError)
+        return
+    assert json.dumps(got) == json.dumps(expected)  # NaN-free, so equal as written
