@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +30,11 @@ def runtime_encode() -> Any:
     ric = os.environ.get("FANOUT_LAMBDA_RIC", "")
     if not (Path(ric) / "awslambdaric").is_dir():
         pytest.skip("awslambdaric not installed: run the tests with `make test`")
-    sys.path.insert(0, ric)
-    before = os.environ.get("AWS_EXECUTION_ENV")
-    os.environ["AWS_EXECUTION_ENV"] = "AWS_Lambda_python3.13"
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the encoder reads the variable once, when it is made
+        patch.syspath_prepend(ric)
+        patch.setenv("AWS_EXECUTION_ENV", "AWS_Lambda_python3.13")
         marshaller = importlib.import_module("awslambdaric.lambda_runtime_marshaller")
         return marshaller.LambdaMarshaller().jsonEncoder.encode
-    finally:
-        sys.path.remove(ric)
-        if before is None:
-            del os.environ["AWS_EXECUTION_ENV"]
-        else:
-            os.environ["AWS_EXECUTION_ENV"] = before
 
 
 def bytes_posted(encode: Any, text: str) -> int:
