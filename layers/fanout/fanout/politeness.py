@@ -199,12 +199,16 @@ class Attempt:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         limiter = self._limiter
-        if exc is None and self.status is not None:
+        status = self.status
+        if exc is None and status is not None:
             sent_at, answered_at = self.sent_at, self.answered_at
             latency_s = None if sent_at is None else answered_at - sent_at
-            limiter.record(
-                self._probe, self.status, latency_s=latency_s, retry_after_s=self.retry_after_s, now=answered_at
-            )
+            if status < 500 and status != 429 and not self._probe:  # classify's SERVED, as record would
+                limiter.served(latency_s, answered_at)
+            else:
+                limiter.record(
+                    self._probe, status, latency_s=latency_s, retry_after_s=self.retry_after_s, now=answered_at
+                )
         elif isinstance(exc, RequestError) and exc.kind in UNANSWERED:
             limiter.record(self._probe, None, latency_s=None, retry_after_s=None)
         else:
