@@ -8,7 +8,8 @@
    limiter (POST /batch's runner), in a fresh container each. Items lost, the share of
    requests answered 429 (or 503), the time against the ideal (N / rate; N x ms / workers).
 2. `healthy_cost`: a fast, healthy target, with the limiter and without it, in one warm
-   process per configuration, rounds interleaved in shuffled order: the paired ratio.
+   process per configuration, rounds interleaved in shuffled order: the paired ratio, over
+   a few fresh pairs of processes (each process carries an offset of its own).
    The seed route (N=1000, k=100, at 0 and 50 ms) and /batch (N=1000, k=100, 0 ms).
 """
 
@@ -44,6 +45,9 @@ K = 50
 SECONDS_OF_WORK = 20
 RATES = [20, 50, 100, 200, 500]
 COST_ROUNDS = 14
+#: Fresh process pairs per case: two warm processes of the same code differ by up to some 5 % (NOTES,
+#: "The limiter on POST /batch"), an offset rounds within one pair cannot average out.
+COST_PAIRS = 3
 BUDGET_S = 60.0  # no deadline cuts these runs short: what is lost is lost to the retries
 
 
@@ -282,36 +286,42 @@ def _batch_event(n: int, k: int) -> dict[str, Any]:
     return event
 
 
+def _interleave(route: str, target: str, walls: dict[bool, list[float]]) -> None:
+    """One fresh pair of warm processes (with the limiter, without), COST_ROUNDS rounds in shuffled order."""
+    workers = {
+        adaptive: subprocess.Popen(
+            [sys.executable, __file__, "--worker", "adaptive" if adaptive else "fixed", route, target],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for adaptive in (True, False)
+    }
+    try:
+        for _ in range(COST_ROUNDS):
+            order = [True, False]
+            random.shuffle(order)
+            for adaptive in order:
+                worker = workers[adaptive]
+                assert worker.stdin and worker.stdout
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+                walls[adaptive].append(float(worker.stdout.readline()))
+    finally:
+        for worker in workers.values():
+            assert worker.stdin
+            worker.stdin.close()
+            worker.wait(timeout=30)
+
+
 def healthy_cost(server_url: str) -> list[dict[str, Any]]:
     cases = [("seed", 0), ("seed", 50), ("batch", 0)]
     rows = []
     for route, latency in cases:
         target = f"{server_url}/delay?ms={latency}" if route == "seed" else server_url
-        workers = {
-            adaptive: subprocess.Popen(
-                [sys.executable, __file__, "--worker", "adaptive" if adaptive else "fixed", route, target],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for adaptive in (True, False)
-        }
         walls: dict[bool, list[float]] = {True: [], False: []}
-        try:
-            for _ in range(COST_ROUNDS):
-                order = [True, False]
-                random.shuffle(order)
-                for adaptive in order:
-                    worker = workers[adaptive]
-                    assert worker.stdin and worker.stdout
-                    worker.stdin.write("go\n")
-                    worker.stdin.flush()
-                    walls[adaptive].append(float(worker.stdout.readline()))
-        finally:
-            for worker in workers.values():
-                assert worker.stdin
-                worker.stdin.close()
-                worker.wait(timeout=30)
+        for _pair in range(COST_PAIRS):
+            _interleave(route, target, walls)
         ratio, first, third = paired_ratio(walls[True], walls[False])
         row = {
             "route": "GET /async_sem/1000/100" if route == "seed" else "POST /batch, 1000 items, k=100",
@@ -321,7 +331,8 @@ def healthy_cost(server_url: str) -> list[dict[str, Any]]:
             "ratio": ratio,
             "ratio_q1": first,
             "ratio_q3": third,
-            "rounds": COST_ROUNDS,
+            "rounds": COST_ROUNDS * COST_PAIRS,
+            "pairs": COST_PAIRS,
         }
         print(
             f"polite   healthy {row['route']:<32} L={latency:<3} ratio {row['ratio']:.3f} "

@@ -246,7 +246,8 @@ def politeness_targets(polite: dict[str, Any]) -> list[str]:
             knee["limit"] < 50,
         ),
         target_row(
-            f"a healthy fast target: the limiter costs < 5 % ({costs[0]['rounds']} paired rounds)",
+            f"a healthy fast target: the limiter costs < 5 % ({costs[0]['rounds']} paired rounds, "
+            f"{costs[0]['pairs']} pairs of processes)",
             ", ".join(f"{row['ratio'] - 1:+.1%}" for row in costs),
             worst_cost < 1.05,
         ),
@@ -276,7 +277,8 @@ def politeness_tables(polite: dict[str, Any]) -> list[str]:
         "",
         "### A healthy, fast target: the adaptive limiter against none",
         "",
-        "One warm process per configuration, calls interleaved in shuffled order; ratio = with / without, per round.",
+        "One warm process per configuration, calls interleaved in shuffled order, in fresh pairs of processes (two "
+        "processes of the same code differ by up to some 5 %); ratio = with / without, per round, over all pairs.",
         "",
         "| route | L ms | with limiter ms | without ms | ratio: median (IQR) |",
         "|---|---|---|---|---|",
