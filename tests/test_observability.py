@@ -366,6 +366,33 @@ def test_each_upstream_attempt_is_a_client_span_under_the_call(
     assert call.attributes["fanout.n"] == 2
 
 
+def test_a_batch_call_a_sampler_dropped_has_no_spans_and_still_reports_every_attempt(
+    cold_start: Any, spans: InMemorySpanExporter, output: Any
+) -> None:
+    """POST /batch decides once per call, as the seed routes do: a call whose trace is not sampled makes
+    no span for any attempt, retries included, and each attempt's latency is still reported."""
+    handler = cold_start(FANOUT_MAX_ATTEMPTS="2")
+    requests = [
+        {
+            "id": "flaky",
+            "target": "catalog",
+            "path": "/flaky",
+            "query": {"key": "unsampled-1", "fail": 1, "status": 503},
+        },
+        {"id": "steady", "target": "catalog", "path": "/delay", "query": {"ms": 0}},
+    ]
+    event = copy.deepcopy(load_event("batch-http-api-v2.json"))
+    event["body"] = json.dumps({"requests": requests})
+    event["headers"]["content-length"] = str(len(event["body"]))
+    event["headers"]["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"  # not sampled
+    response = handler(event, lambda_context())
+    answer = json.loads(response["body"])
+    assert (response["statusCode"], [item["status"] for item in answer["responses"]]) == (200, [200, 200])
+    assert [item["attempts"] for item in answer["responses"]] == [2, 1]
+    assert [span.name for span in spans.get_finished_spans()] == []
+    assert len(output().metric("UpstreamLatency", function="batch", target="catalog")) == 3
+
+
 def test_a_seed_calls_requests_are_spans_under_the_call_unless_it_is_not_sampled(
     cold_start: Any, spans: InMemorySpanExporter, output: Any
 ) -> None:

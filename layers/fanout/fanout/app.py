@@ -113,7 +113,7 @@ def _add_seed_routes(
         tally = CallTally()
 
         with call_span(function, strategy.value, n) as span:
-            traced = span.is_recording()  # else no attempt of the call records a span either: checked once
+            traced = span.is_recording()  # else no attempt of the call records a span either (span_records)
 
             async def send(index: int) -> int:
                 latencies_ms: list[float] = []

@@ -42,7 +42,7 @@ from fanout.engine import (
     fan_out,
 )
 from fanout.held_answers import HeldAnswers
-from fanout.observability import UpstreamRecord, traced_attempt
+from fanout.observability import UpstreamRecord, span_records, timed_attempt, traced_attempt
 from fanout.politeness import NO_TARGETS, UNANSWERED, Politeness, TargetLimiter, TargetReport, retry_after_seconds
 from fanout.targets import TargetScope
 from fanout.transports import Transport, UpstreamResponse
@@ -213,11 +213,12 @@ class BatchRunner:
         sequential = strategy is Strategy.SYNC
         # the call's slots on the wire; waiting for a target happens before taking one
         wire = contextlib.nullcontext() if sequential else asyncio.Semaphore(concurrency)
+        traced = span_records()
 
         async def send(index: int) -> ItemReport:
             progress.started[index] = started = time.perf_counter()
             try:
-                answer = await self._send_with_retries(items[index], index, progress, deadline, wire, stop)
+                answer = await self._send_with_retries(items[index], index, progress, deadline, wire, stop, traced)
             except _Skipped:
                 return ItemReport(
                     id=items[index].id, attempts=progress.attempts[index], elapsed_s=0.0, skipped=SKIPPED_FAIL_FAST
@@ -264,11 +265,24 @@ class BatchRunner:
         deadline: float,
         wire: asyncio.Semaphore | contextlib.nullcontext[None],
         stop: asyncio.Event | None,
+        traced: bool,
     ) -> UpstreamResponse | RequestError:
+        """`traced`: the call's span records, so each attempt is a span of its own."""
         headers = dict(item.headers)
         if item.idempotency_key is not None:
             headers["Idempotency-Key"] = item.idempotency_key
         target = self.politeness.limiter(item.target)
+        latencies_ms = progress.latencies_ms[index]
+
+        def send() -> Awaitable[UpstreamResponse]:
+            return self.transport.send(
+                item.method,
+                item.url,
+                headers=headers,
+                body=item.body,
+                max_body_bytes=self.max_item_bytes,
+                scope=item.scope,
+            )
 
         async def attempt() -> UpstreamResponse:
             try:
@@ -278,21 +292,17 @@ class BatchRunner:
                     progress.attempts[index] += 1
                     await self._rate_limit(progress)
                     sent.sending()
-                    response = await traced_attempt(
-                        lambda: self.transport.send(
-                            item.method,
-                            item.url,
-                            headers=headers,
-                            body=item.body,
-                            max_body_bytes=self.max_item_bytes,
-                            scope=item.scope,
-                        ),
-                        target=item.target,
-                        method=item.method,
-                        path=item.path,
-                        status_of=lambda response: response.status,
-                        latencies_ms=progress.latencies_ms[index],
-                    )
+                    if traced:
+                        response = await traced_attempt(
+                            send,
+                            target=item.target,
+                            method=item.method,
+                            path=item.path,
+                            status_of=lambda response: response.status,
+                            latencies_ms=latencies_ms,
+                        )
+                    else:
+                        response = await timed_attempt(send, latencies_ms)
                     retry_after = retry_after_s(response)
                     sent.answered(response.status, retry_after)
             except RequestError:

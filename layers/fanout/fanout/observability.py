@@ -275,9 +275,9 @@ async def traced_attempt(
     latencies_ms: list[float],
 ) -> R:
     """One upstream attempt in a client span (an X-Ray subsegment); its latency is appended
-    to `latencies_ms` when it ends with an answer or an error, not when it is cancelled."""
-    if not trace.get_current_span().is_recording():  # no SDK, or the call is not sampled: skip the span
-        return await timed_attempt(attempt, latencies_ms)
+    to `latencies_ms` when it ends with an answer or an error, not when it is cancelled.
+
+    For a call whose span records (`span_records`): a call decides once, not each attempt."""
     attributes = {"fanout.target": target, "http.request.method": method, "url.path": path}
     with _tracer.start_as_current_span(f"{method} {target}", kind=SpanKind.CLIENT, attributes=attributes) as span:
         try:
@@ -294,9 +294,7 @@ async def traced_attempt(
 
 
 async def timed_attempt(attempt: Callable[[], Awaitable[R]], latencies_ms: list[float]) -> R:
-    """One upstream attempt with no span: what `traced_attempt` does when the current span does not
-    record. A call whose own span does not record can take it for every attempt at once (a sampler
-    decides a child as its parent), which saves some 2 us per request of checking the context."""
+    """One upstream attempt with no span, for a call whose span does not record (`span_records`)."""
     started = time.perf_counter()
     try:
         result = await attempt()
@@ -305,6 +303,13 @@ async def timed_attempt(attempt: Callable[[], Awaitable[R]], latencies_ms: list[
         raise
     latencies_ms.append(_ms_since(started))
     return result
+
+
+def span_records() -> bool:
+    """Whether the current span records (an SDK, and a sampled call). Read once per call: a sampler decides
+    a child as its parent, so no attempt of a call that does not record would either, and checking the
+    context on every attempt cost some 2 us a request (1.5 to 4 % of a /batch call at 0 ms)."""
+    return trace.get_current_span().is_recording()
 
 
 def _ms_since(started: float) -> float:
