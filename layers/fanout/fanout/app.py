@@ -29,6 +29,7 @@ from fanout.observability import (
     Telemetry,
     UpstreamRecord,
     call_span,
+    span_records,
     timed_attempt,
     traced_attempt,
 )
@@ -112,8 +113,8 @@ def _add_seed_routes(
         get_status = partial(transport.get_status, target)  # built once: it runs for every request
         tally = CallTally()
 
-        with call_span(function, strategy.value, n) as span:
-            traced = span.is_recording()  # else no attempt of the call records a span either (span_records)
+        with call_span(function, strategy.value, n):
+            traced = span_records()
 
             async def send(index: int) -> int:
                 latencies_ms: list[float] = []
