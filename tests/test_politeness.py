@@ -30,8 +30,10 @@ from fanout.politeness import (
     INITIAL_LIMIT,
     RETRY_AFTER_MAX_S,
     TARGET_PAUSED,
+    Answer,
     Politeness,
     TargetLimiter,
+    classify,
     retry_after_seconds,
 )
 from fanout.settings import UpstreamTarget
@@ -563,6 +565,30 @@ def test_an_answer_through_attempt_resets_the_failures_and_hands_its_slot_on() -
 
     assert run(failures_between_answers()) == ("closed", 0)
     assert run(a_waiter_gets_the_slot())
+
+
+@pytest.mark.parametrize("retry_after_s", [None, 1.0])
+def test_the_attempts_shortcut_to_served_is_taken_exactly_for_what_classify_calls_served(
+    retry_after_s: float | None,
+) -> None:
+    """Attempt.__aexit__ spells classify's SERVED inline (a call less on every request): for every status,
+    with and without Retry-After, it must go to `served` exactly when classify says SERVED."""
+
+    async def paths() -> dict[int, str]:
+        taken: dict[int, str] = {}
+        for status in range(100, 600):
+            limiter = TargetLimiter("t", ceiling=10)
+            limiter.served = lambda *args, status=status: taken.__setitem__(status, "served")  # type: ignore[method-assign]
+            limiter.record = lambda *args, status=status, **kwargs: taken.__setitem__(status, "record")  # type: ignore[method-assign]
+            async with limiter.attempt(time.monotonic() + 10) as sent:
+                sent.sending()
+                sent.answered(status, retry_after_s)
+        return taken
+
+    expected = {
+        status: "served" if classify(status, retry_after_s) is Answer.SERVED else "record" for status in range(100, 600)
+    }
+    assert run(paths()) == expected
 
 
 def test_a_probe_answered_through_attempt_closes_the_circuit() -> None:
