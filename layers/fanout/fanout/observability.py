@@ -32,7 +32,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricResolution, MetricUnit
 from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from fanout.engine import RequestError
 from fanout.politeness import NO_TARGETS, TargetReport
@@ -355,11 +355,11 @@ def latency_sample(latencies_ms: list[float], size: int = LATENCY_SAMPLE_SIZE) -
 
 
 @contextmanager
-def call_span(function: str, strategy: str, n: int) -> Iterator[Span]:
-    """The parent span of one call's upstream spans."""
+def call_span(function: str, strategy: str, n: int) -> Iterator[None]:
+    """The parent span of one call's upstream spans, current while the call runs (`span_records` reads it)."""
     attributes = {"fanout.function": function, "fanout.strategy": strategy, "fanout.n": n}
-    with _tracer.start_as_current_span(f"fanout {function}", attributes=attributes) as span:
-        yield span
+    with _tracer.start_as_current_span(f"fanout {function}", attributes=attributes):
+        yield
 
 
 def observe_invocations(handler: Callable[[dict[str, Any], Any], Any], telemetry: Telemetry) -> Callable[..., Any]:
