@@ -364,7 +364,12 @@ def chain_target(chain: dict[str, Any] | None, service: list[dict[str, Any]]) ->
         f"{what} ({chain['rounds']} interleaved rounds)",
         f"{handler['efficiency']:.3f} ({handler['wall_ms']:.1f} ms); raw aiohttp {floor['efficiency']:.3f} in the same"
         f" rounds, the handler {handler['ratio_median']:.3f}x its time"
-        + (f"; the bare client (this machine's floor) {bare['efficiency']:.3f}" if bare else ""),
+        + (
+            f"; the bare client (this machine's floor) {bare['efficiency']:.3f}, the handler"
+            f" {handler['efficiency'] / bare['efficiency']:.3f}x its efficiency"
+            if bare
+            else ""
+        ),
         handler["efficiency"] >= 0.95,
     )
 
