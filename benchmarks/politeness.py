@@ -196,6 +196,7 @@ def run_kind(server_url: str, kind: Kind, adaptive: bool, key: str) -> dict[str,
         finally:
             await transport.aclose()
         took = time.monotonic() - started
+        state = politeness.limiter("t").state
         sent = sum(transport.statuses.values())
         refused = transport.statuses[429] + transport.statuses[503]
         return {
@@ -208,7 +209,10 @@ def run_kind(server_url: str, kind: Kind, adaptive: bool, key: str) -> dict[str,
             "time_s": took,
             "ideal_s": kind.ideal_s,
             "median_latency_ms": statistics.median(transport.latencies_s) * 1000 if transport.latencies_s else 0.0,
-            "limit": politeness.limiter("t").state.limit if adaptive else K,
+            "limit": state.limit if adaptive else K,
+            # why a row took what it took: the episodes that slowed the target down, and the rate they left
+            "throttles": state.throttles if adaptive else None,
+            "rate_per_s": state.rate if adaptive else None,
         }
 
     return asyncio.run(go())
@@ -223,11 +227,18 @@ def politeness_table(server_url: str, *, quick: bool) -> list[dict[str, Any]]:
             print(
                 f"polite   {row['kind']:<20} {row['limiter']:<11} lost {row['lost']:>4}/{row['n']:<5} "
                 f"refused {row['refused_share']:6.1%} of {row['sent']:<5} {row['time_s']:6.2f} s{vs} "
-                f"latency {row['median_latency_ms']:.0f} ms limit {row['limit']:.0f}",
+                f"latency {row['median_latency_ms']:.0f} ms limit {row['limit']:.0f}{_pacing(row)}",
                 flush=True,
             )
             rows.append(row)
     return rows
+
+
+def _pacing(row: dict[str, Any]) -> str:
+    if row["throttles"] is None:
+        return ""
+    rate = "unpaced" if row["rate_per_s"] is None else f"{row['rate_per_s']:.0f}/s"
+    return f" throttles {row['throttles']} rate {rate}"
 
 
 # --- a healthy target: the limiter's cost, paired ------------------------------------------------------

@@ -254,6 +254,15 @@ def politeness_targets(polite: dict[str, Any]) -> list[str]:
     ]
 
 
+def _pacing_cells(row: dict[str, Any]) -> str:
+    """The adaptive limiter's throttle episodes and the rate it ended at; dashes for a fixed k (and runs
+    from before 11-29, which did not record them)."""
+    if row.get("throttles") is None:
+        return "- | -"
+    rate = "unpaced" if row["rate_per_s"] is None else f"{row['rate_per_s']:.0f}"
+    return f"{row['throttles']} | {rate}"
+
+
 def politeness_tables(polite: dict[str, Any]) -> list[str]:
     lines = [
         "## Politeness (POST /batch's runner, k=50, 3 attempts, a fresh container per row)",
@@ -263,15 +272,15 @@ def politeness_tables(polite: dict[str, Any]) -> list[str]:
         "`fixed k=50` is the service before politeness.",
         "",
         "| upstream | limiter | items | lost | requests sent | 429/503 share | time s | x ideal | median latency ms "
-        "| limit at end |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| limit at end | throttle episodes | rate at end /s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in polite["table"]:
         ideal = f"{row['time_s'] / row['ideal_s']:.2f}x" if row["ideal_s"] else "-"
         lines.append(
             f"| {row['kind']} | {row['limiter']} | {row['n']} | {row['lost']} | {row['sent']} | "
             f"{row['refused_share']:.1%} | {row['time_s']:.2f} | {ideal} | {row['median_latency_ms']:.0f} | "
-            f"{row['limit']:.0f} |"
+            f"{row['limit']:.0f} | {_pacing_cells(row)} |"
         )
     lines += [
         "",
