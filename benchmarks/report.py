@@ -255,8 +255,8 @@ def politeness_targets(polite: dict[str, Any]) -> list[str]:
 
 
 def _pacing_cells(row: dict[str, Any]) -> str:
-    """The adaptive limiter's throttle episodes and the rate it ended at; dashes for a fixed k (and runs
-    from before 11-29, which did not record them)."""
+    """The adaptive limiter's throttle episodes and the rate it ended at; dashes for a fixed k (and for runs
+    before a943a7a, which did not record them)."""
     if row.get("throttles") is None:
         return "- | -"
     rate = "unpaced" if row["rate_per_s"] is None else f"{row['rate_per_s']:.0f}"
