@@ -172,6 +172,7 @@ def test_failing_upstream_is_reported_not_a_500(upstream: LocalUpstream, import_
     ]
     assert (body["succeeded"], body["failed"]) == (0, 20)
     assert upstream.stats.requests == len(answered)
+    assert module.app.state.politeness.limiter("default").state.in_flight == 0  # every slot given back
 
 
 def test_unreachable_upstream_lists_every_error(import_handler: Any) -> None:
@@ -180,6 +181,8 @@ def test_unreachable_upstream_lists_every_error(import_handler: Any) -> None:
     assert status == 200
     assert body["status_codes"] == [None] * 10
     assert body["errors"] == [{"index": i, "error": "ConnectError"} for i in range(10)]  # fewer than the threshold
+    limiter = module.app.state.politeness.limiter("default")
+    assert (limiter.state.in_flight, limiter.state.failures_in_a_row) == (0, 10)  # each counted, each slot back
     status, body = invoke(module.handler, load_event("sync-rest-v1.json"))
     assert body["errors"] == [{"index": 0, "error": "CircuitOpen"}] + [
         {"index": i, "error": "CircuitOpen"} for i in range(1, 10)
@@ -201,6 +204,8 @@ def test_deadline_answers_in_time_with_every_request_accounted(upstream: LocalUp
     kinds = {error["error"] for error in body["errors"]}
     assert kinds == {"ReadTimeout", "DeadlineExceeded"}
     assert len(body["errors"]) == 20
+    # the requests cancelled at the deadline gave their slots back: the next call is not refused for want of one
+    assert module.app.state.politeness.limiter("default").state.in_flight == 0
 
 
 def test_a_cold_start_leaves_what_it_built_out_of_the_collectors_sight(import_handler: Any) -> None:

@@ -571,8 +571,9 @@ def test_an_answer_through_attempt_resets_the_failures_and_hands_its_slot_on() -
 def test_the_attempts_shortcut_to_served_is_taken_exactly_for_what_classify_calls_served(
     retry_after_s: float | None,
 ) -> None:
-    """Attempt.__aexit__ spells classify's SERVED inline (a call less on every request): for every status,
-    with and without Retry-After, it must go to `served` exactly when classify says SERVED."""
+    """`finish` (on Attempt's way out, and as the seed routes call it) spells classify's SERVED inline (a
+    call less on every request): for every status, with and without Retry-After, it must go to `served`
+    exactly when classify says SERVED."""
 
     async def paths() -> dict[int, str]:
         taken: dict[int, str] = {}

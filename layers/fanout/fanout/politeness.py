@@ -3,7 +3,8 @@
 A fixed concurrency cannot know what a target can take. Every request therefore passes
 its target's `TargetLimiter` (one per target per container, kept across warm calls), as
 `async with limiter.attempt(deadline)`: entering waits until the target may be sent one
-more request (`admit`), leaving tells it how the request went (`record`). Four
+more request (`admit`), leaving tells it how the request went (`finish`, or `abandon`
+without an answer); the seed routes make the same calls by hand. Four
 mechanisms, each after a published design:
 
 1. Requests in flight (`limit`): slow start (one more per success, so it doubles each
@@ -198,22 +199,13 @@ class Attempt:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        limiter = self._limiter
         status = self.status
         if exc is None and status is not None:
             sent_at, answered_at = self.sent_at, self.answered_at
             latency_s = None if sent_at is None else answered_at - sent_at
-            # classify's SERVED, spelled here to save a call on every request (a test holds the two together)
-            if status < 500 and status != 429 and not self._probe:
-                limiter.served(latency_s, answered_at)
-            else:
-                limiter.record(
-                    self._probe, status, latency_s=latency_s, retry_after_s=self.retry_after_s, now=answered_at
-                )
-        elif isinstance(exc, RequestError) and exc.kind in UNANSWERED:
-            limiter.record(self._probe, None, latency_s=None, retry_after_s=None)
+            self._limiter.finish(self._probe, status, self.retry_after_s, latency_s, answered_at)
         else:
-            limiter.release(self._probe)
+            self._limiter.abandon(self._probe, exc)
 
 
 class TargetLimiter:
@@ -385,6 +377,26 @@ class TargetLimiter:
                 state.circuit = Circuit.CLOSED
         if self._waiters:
             self._wake()
+
+    def finish(
+        self, probe: bool, status: int, retry_after_s: float | None, latency_s: float | None, now: float
+    ) -> None:
+        """An admitted request answered (`now`: when, on time.monotonic()'s clock): what `Attempt` does on
+        its way out, for a caller that admits by hand (`enter_at_once`, else `admit`) to save the attempt
+        object and its `async with` on every request."""
+        # classify's SERVED, spelled here to save a call on every request (a test holds the two together)
+        if status < 500 and status != 429 and not probe:
+            self.served(latency_s, now)
+        else:
+            self.record(probe, status, latency_s=latency_s, retry_after_s=retry_after_s, now=now)
+
+    def abandon(self, probe: bool, exc: BaseException | None) -> None:
+        """An admitted request that got no answer: a RequestError that says the target did not answer
+        (UNANSWERED) counts for it; anything else (refused here, cancelled, never sent) gives the slot back."""
+        if isinstance(exc, RequestError) and exc.kind in UNANSWERED:
+            self.record(probe, None, latency_s=None, retry_after_s=None)
+        else:
+            self.release(probe)
 
     def served(self, latency_s: float | None, now: float) -> None:
         """`record` for an answer that is neither a throttle nor a failure, to a request that was not
