@@ -239,3 +239,33 @@ def shared_handler(upstream: LocalUpstream, import_handler: Any) -> Any:
     return import_handler(
         FANOUT_UPSTREAMS=json.dumps(upstreams), FANOUT_DEADLINE_S="2", FANOUT_REQUEST_TIMEOUT_S="1"
     ).handler
+
+
+@pytest.mark.parametrize(
+    "value", ["a\\r\\nx-injected: 1", "a\\nb", "a\\u0000b", "a\\u0007b", "a\\u007fb", "\\u001b[31m"]
+)
+def test_a_control_character_in_a_header_value_is_a_422_naming_the_header(
+    value: str, handler: Any, upstream: LocalUpstream
+) -> None:
+    """HTTP field values are visible characters, spaces and tabs (RFC 9110, 5.5): anything else is the caller's
+    mistake, named before any request leaves, not an item failed by the client library's ValueError."""
+    item = '{"id": "a", "target": "up", "headers": {"accept": "' + value + '"}}'
+    status, body = post_raw(handler, '{"requests": [' + item + "]}")
+    assert status == 422
+    (error,) = body["detail"]
+    assert error["loc"] == ["body", "requests", 0, "headers", "accept"]
+    assert error["msg"] == "Value error, must not contain control characters (only visible characters, spaces and tabs)"
+    assert upstream.stats.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [("text/html;\\tq=0.9", "text/html;\tq=0.9"), ("caf\\u00e9", "café"), ("\\u4e2d", "中"), (" padded ", " padded ")],
+)
+def test_tabs_and_text_beyond_ascii_in_a_header_value_are_sent(value: str, sent: str, handler: Any) -> None:
+    """Beyond ASCII a value goes out as UTF-8 (obs-text); the upstream reads its bytes as latin-1."""
+    item = '{"id": "a", "target": "up", "path": "/echo", "headers": {"accept": "' + value + '"}}'
+    status, body = post_raw(handler, '{"requests": [' + item + "]}")
+    (answer,) = body["responses"]
+    assert (status, answer["status"]) == (200, 200)
+    assert answer["body"]["headers"]["accept"] == sent.encode().decode("latin-1")

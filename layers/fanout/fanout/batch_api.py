@@ -14,6 +14,7 @@ and deep nesting are a 422 naming the field, never a 500 while answering.
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal, NoReturn
 
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -48,7 +49,16 @@ ALLOWED_HEADERS = frozenset(
     }
 )
 MAX_JSON_DEPTH = 64  # levels of arrays and objects in a field; a JSON body deeper than that is refused
+#: What an HTTP field value may not hold (RFC 9110, 5.5): controls but the tab, and DEL.
+_NOT_IN_A_HEADER_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def _check_header_value(value: str) -> str:
+    """Refused here, naming the header, rather than failing the item later in the client library."""
+    if _NOT_IN_A_HEADER_VALUE.search(value):
+        raise ValueError("must not contain control characters (only visible characters, spaces and tabs)")
+    return value
 
 
 class BatchRequestItem(BaseModel):
@@ -66,7 +76,7 @@ class BatchRequestItem(BaseModel):
         description="Appended to the target's base URL; never '.' or '..' segments, also percent-encoded.",
     )
     query: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    headers: dict[str, Annotated[str, Field(pattern=r"^[^\r\n]*$")]] = Field(default_factory=dict)
+    headers: dict[str, Annotated[str, AfterValidator(_check_header_value)]] = Field(default_factory=dict)
     json_body: Any = Field(default=None, alias="json", description="A JSON body (sent as application/json).")
     body: str | None = Field(default=None, description="A text body, sent as is.")
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
