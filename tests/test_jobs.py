@@ -28,6 +28,7 @@ from moto import mock_aws
 from conftest import INPUT, REGION, RESULTS, ROOT, TABLE, create_resources, lambda_context, load_event
 from fanout import install_event_loop
 from fanout.batch import BatchRunner, ItemReport
+from fanout.batch_api import ALLOWED_HEADERS
 from fanout.batch_response import item_line
 from fanout.jobs import split as split_module
 from fanout.jobs.ceilings import JobCeilings
@@ -342,6 +343,37 @@ def test_a_line_past_the_cap_is_its_items_error_and_a_chunk_holds_a_bounded_shar
         "type": INVALID_ITEM,
         "message": f"the line is {len(lines[3])} bytes; at most {LINE_CAP} (FANOUT_MAX_BODY_BYTES)",
     }
+
+
+def test_a_line_that_is_no_item_is_its_items_error_naming_the_field_as_the_line_has_it(
+    aws: dict[str, str], upstream: LocalUpstream, chunks_on: Any
+) -> None:
+    """The message speaks of the line and its fields, as /batch's 422 speaks of the body and its items."""
+    lines = [
+        json.dumps(item(0)),
+        "not json",
+        json.dumps(item(2, target="nowhere")),
+        json.dumps(item(3, headers={"accept": "a\u0000b"})),
+        "[1, 2]",
+        json.dumps(item(5, headers={"host": "elsewhere"})),
+    ]
+    job_id = new_job(lines)
+    for chunk in split(job_id, aws, chunk_items=10):
+        chunks_on(run_chunk, chunk, budget_s=10)
+    results = results_of(job_id)
+    assert [(line["id"], line.get("error", {}).get("message")) for line in results] == [
+        ("i0", None),
+        ("line 2", "the line is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+        ("i2", "target: unknown target; allowed: up"),
+        (
+            "i3",
+            "headers.accept: Value error, must not contain control characters"
+            " (only visible characters, spaces and tabs)",
+        ),
+        ("line 5", "a line must be a JSON object: a /batch request item"),
+        ("i5", "headers.host: header not allowed; allowed: " + ", ".join(sorted(ALLOWED_HEADERS))),
+    ]
+    assert upstream.stats.requests == 1
 
 
 def test_results_lines_stay_near_their_bodies_size_whatever_the_upstream_sends(

@@ -25,18 +25,19 @@ class BodyError(ValueError):
     """The request body is not a JSON text this service can read."""
 
 
-def parse_body(data: bytes) -> Any:
-    """The JSON value in a request body; NaN and Infinity come back as floats, for the models to name."""
+def parse_body(data: bytes, what: str = "the body") -> Any:
+    """The JSON value in a request body (or what `what` names: a job's line); NaN and Infinity come back
+    as floats, for the models to name."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BodyError(f"the body is not UTF-8 text (byte {exc.start} cannot start a character)") from exc
+        raise BodyError(f"{what} is not UTF-8 text (byte {exc.start} cannot start a character)") from exc
     try:
         return json.loads(text)
     except RecursionError as exc:
-        raise BodyError("the body nests arrays or objects too deeply to read") from exc
+        raise BodyError(f"{what} nests arrays or objects too deeply to read") from exc
     except ValueError as exc:  # JSONDecodeError, and integers past the interpreter's digit limit
-        raise BodyError(f"the body is not valid JSON: {exc}") from exc
+        raise BodyError(f"{what} is not valid JSON: {exc}") from exc
 
 
 def encode_json(value: Any) -> bytes:

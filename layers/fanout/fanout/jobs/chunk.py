@@ -176,29 +176,30 @@ def _parse(number: int, line: Line, context: ChunkContext) -> BatchItem | ItemRe
         return _invalid(number, line, f"the line is {line.length} bytes; at most {most} ({ENV_PREFIX}MAX_BODY_BYTES)")
     raw = line.data
     try:
-        fields = parse_body(raw)
+        fields = parse_body(raw, "the line")
         if not isinstance(fields, dict):
             raise ValueError("a line must be a JSON object: a /batch request item")
         item = BatchRequestItem.model_validate(fields)
         return to_batch_item(number - 1, item, context.settings, context.scopes)
     except ValidationError as exc:
         return _invalid(number, line, _first_error(exc.errors(include_url=False)))
-    except RequestValidationError as exc:
-        return _invalid(number, line, _first_error(list(exc.errors())))
+    except RequestValidationError as exc:  # located as in a /batch body: ("body", "requests", index, field...)
+        errors = [{**error, "loc": tuple(error["loc"])[3:]} for error in exc.errors()]
+        return _invalid(number, line, _first_error(errors))
     except (BodyError, ValueError) as exc:
         return _invalid(number, line, str(exc))
 
 
 def _first_error(errors: list[Any]) -> str:
     first = errors[0]
-    where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "requests"))
+    where = ".".join(str(part) for part in first.get("loc", ()))
     return f"{where}: {first.get('msg', '')}" if where else str(first.get("msg", ""))
 
 
 def _line_id(number: int, line: Line) -> str:
     """The item's id if its line has a readable one, else the line's number: every result has an id."""
     try:
-        fields = None if line.data is None else parse_body(line.data)
+        fields = None if line.data is None else parse_body(line.data, "the line")
     except (BodyError, ValueError):
         fields = None
     found = fields.get("id") if isinstance(fields, dict) else None
