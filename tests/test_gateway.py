@@ -116,6 +116,9 @@ def test_gateway_serves_each_function_with_its_limits(gateway: RunningGateway, u
     assert get(f"{base}/nowhere") == (404, {"detail": "Not Found"})  # the $default route, as on AWS
     status, body = get(f"{base}/batch", {"requests": [{"id": "a", "target": "local", "path": "/echo", "json": [1]}]})
     assert (status, body["responses"][0]["status"], body["responses"][0]["body"]["body"]) == (200, 200, "[1]")
+    # a trailing slash is redirected as on AWS, to this gateway's own scheme: x-forwarded-proto is http here
+    status, body = get(f"{base}/async/6/")
+    assert (status, body["requests"]) == (200, 6)
     process.send_signal(signal.SIGINT)  # Ctrl-C stops the gateway and its workers
     assert process.wait(timeout=15) == 0
 

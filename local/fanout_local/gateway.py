@@ -162,7 +162,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _invoke(self, pool: FunctionPool, route: Route, params: dict[str, str]) -> None:
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
-        event = http_api_event(route, self.command, self.path, dict(self.headers), body, params)
+        forwarded = {  # as API Gateway adds them (there https and 443), so redirects and URLs point back here
+            "X-Forwarded-For": self.client_address[0],
+            "X-Forwarded-Port": str(self.server.server_address[1]),
+            "X-Forwarded-Proto": "http",
+        }
+        event = http_api_event(route, self.command, self.path, {**self.headers, **forwarded}, body, params)
         try:
             with pool.container() as container:
                 result = container.invoke(event, pool.function.timeout_s)
