@@ -468,6 +468,7 @@ def scope_for(url: str, *, private: tuple[Any, ...] = (), redirect_hosts: tuple[
     return TargetScope(
         name="t",
         host=client_host(url),
+        ports=frozenset({Url(url).port_or_known_default}),
         redirect_hosts=frozenset(redirect_hosts),
         schemes=frozenset({"http", "https"}),
         max_redirects=3,

@@ -239,6 +239,7 @@ def test_an_answer_that_turns_inside_is_refused_before_sending(monkeypatch: pyte
     scope = TargetScope(
         name="t",
         host="upstream.test",
+        ports=frozenset(),  # no redirects (max_redirects=0)
         redirect_hosts=frozenset(),
         schemes=frozenset({"http"}),
         max_redirects=0,

@@ -182,6 +182,21 @@ def test_redirects_stay_on_the_targets_host(make_handler: Any, upstream: LocalUp
     assert upstream.stats.requests == 3  # two first hops and one allowed second hop
 
 
+def test_a_redirect_to_another_port_of_the_targets_host_is_refused_and_sends_it_nothing(
+    make_handler: Any, upstream: LocalUpstream
+) -> None:
+    """Another port of the target's host is another service (for a private target, one inside the VPC)."""
+    handler = make_handler(url=upstream.url, max_redirects=2, private=True)
+    with running_in_thread(delay_ms=1) as other:
+        _, body = post_batch(handler, {"requests": [redirect(f"http://127.0.0.1:{other.port}/delay?ms=1")]})
+        assert body["responses"][0]["error"] == {
+            "type": "RedirectRefused",
+            "message": f"a redirect to 127.0.0.1:{other.port} is not allowed: the target's host is reached only "
+            f"at its port ({upstream.port})",
+        }
+        assert other.stats.requests == 0
+
+
 def test_a_listed_redirect_host_is_followed(make_handler: Any, upstream: LocalUpstream) -> None:
     handler = make_handler(url=upstream.url, max_redirects=1, redirect_hosts=["localhost"])
     _, body = post_batch(handler, {"requests": [redirect(f"http://localhost:{upstream.port}/delay?ms=1")]})
@@ -220,18 +235,18 @@ def test_a_chain_within_max_redirects_is_followed_to_its_end(
 
 @pytest.mark.parametrize(
     ("elsewhere", "forwarded"),
-    [("same", "Bearer t"), ("another port", None), ("another host", None)],
+    [("same", "Bearer t"), ("another host", None), ("another host and port", None)],
 )
 def test_authorization_goes_only_to_the_origin_it_was_given_for(
     elsewhere: str, forwarded: str | None, make_handler: Any, upstream: LocalUpstream
 ) -> None:
-    """A redirect to another origin (host or port here; the scheme is part of it too) drops Authorization;
-    within its origin it stays."""
+    """A redirect to another origin (host or port here, a listed host: the target's own is reached only at its
+    port; the scheme is part of it too) drops Authorization; within its origin it stays."""
     with running_in_thread(delay_ms=1) as other:
         to = {
             "same": f"{upstream.url}/echo",
-            "another port": f"{other.url}/echo",
             "another host": f"http://localhost:{upstream.port}/echo",
+            "another host and port": f"http://localhost:{other.port}/echo",
         }[elsewhere]
         handler = make_handler(url=upstream.url, max_redirects=1, forward_authorization=True,
                                redirect_hosts=["localhost"])  # fmt: skip
@@ -316,6 +331,29 @@ def test_scope_check_redirect(location: str, allowed: bool) -> None:
 def test_why_a_redirect_is_refused(location: str, why: str | None) -> None:
     scope = TargetScope.of("api", UpstreamTarget(url="http://api.example.com", allow_http=True, max_redirects=1))
     assert scope.check_redirect(Url("http://api.example.com/a").join(location)) == why
+
+
+@pytest.mark.parametrize(
+    ("target", "location", "why"),
+    [
+        ("http://api.example.com", "https://api.example.com/x", None),  # upgraded to https's own port
+        ("http://api.example.com", "https://api.example.com:443/x", None),
+        ("https://api.example.com", "http://api.example.com/x", None),  # allow_http: both default ports
+        ("http://api.example.com", "http://api.example.com:8080/x", "at its ports (80, 443)"),
+        ("https://api.example.com:8443", "https://api.example.com:8443/x", None),
+        ("https://api.example.com:8443", "http://api.example.com:8443/x", None),  # its port, either scheme
+        ("https://api.example.com:8443", "https://api.example.com/x", "at its port (8443)"),
+        ("http://10.0.0.5:8080", "http://10.0.0.5:6379/", "at its port (8080)"),
+        ("http://10.0.0.5:8080", "http://10.0.0.5/", "at its port (8080)"),
+        ("http://[fd00::5]:8080", "http://[fd00::5]:22/", "at its port (8080)"),
+        ("http://api.example.com", "http://cdn.example.com:8080/x", None),  # a listed host: global addresses only
+        ("http://cdn.example.com", "http://cdn.example.com:8080/x", "at its ports (80, 443)"),  # listed, yet its own
+    ],
+)
+def test_the_targets_own_host_is_reached_only_at_its_ports(target: str, location: str, why: str | None) -> None:
+    upstream = UpstreamTarget(url=target, allow_http=True, max_redirects=1, redirect_hosts=("cdn.example.com",))
+    refused = TargetScope.of("api", upstream).check_redirect(Url(target).join(location))
+    assert (refused is None, refused and refused.split("reached only ")[-1]) == (why is None, why)
 
 
 def test_an_ipv6_or_unicode_target_is_its_own_redirect_host_in_the_clients_spelling() -> None:

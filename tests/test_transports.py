@@ -42,6 +42,7 @@ def send(transport: str, upstream: LocalUpstream) -> Callable[..., UpstreamRespo
             scope = TargetScope(
                 name="t",
                 host="127.0.0.1",
+                ports=frozenset({upstream.port}),
                 redirect_hosts=frozenset(),
                 schemes=frozenset({"http"}),
                 max_redirects=max_redirects,

@@ -7,8 +7,9 @@ A caller names a target and a path, never a host. Three rules keep it there:
   double-encoded or hidden behind an encoded slash, and control characters.
 - `target_url`: the path is appended to the base path as the caller wrote it; a
   percent-escape reaches the upstream as sent (`/a%20b` stays `/a%20b`).
-- `TargetScope.check_redirect`: a redirect may go only to the target's own host,
-  or to a host the target lists in `redirect_hosts`, over an allowed scheme.
+- `TargetScope.check_redirect`: a redirect may go only to the target's own host
+  at its own port (http's and https's when it uses its scheme's), or to a host
+  the target lists in `redirect_hosts`, over an allowed scheme.
 
 URLs are read and built with `pyreqwest.http.Url`: the WHATWG parser of Rust's `url`
 crate, the one reqwest connects with and pydantic's `HttpUrl` (the targets' own
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 REDIRECT_REFUSED = "RedirectRefused"
 TOO_MANY_REDIRECTS = "TooManyRedirects"
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _MALFORMED_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Characters a path may carry unescaped (RFC 3986 pchar and "/"), and "%" for the caller's own escapes.
@@ -80,6 +82,7 @@ class TargetScope(NamedTuple):
 
     name: str
     host: str
+    ports: frozenset[int]  # where a redirect may reach the target's own host: another port is another service
     redirect_hosts: frozenset[str]
     schemes: frozenset[str]
     max_redirects: int
@@ -87,11 +90,15 @@ class TargetScope(NamedTuple):
 
     @classmethod
     def of(cls, name: str, target: UpstreamTarget) -> TargetScope:
+        schemes = frozenset({"https", "http"} if target.allow_http else {"https"})
+        port = target.url.port  # pydantic gives the scheme's own where the URL names none
+        on_default = port == _DEFAULT_PORTS[target.url.scheme]  # then http -> https on 443 is the same service
         return cls(
             name=name,
             host=str(target.url.host).lower(),  # an http(s) URL always has a host
+            ports=frozenset({_DEFAULT_PORTS[scheme] for scheme in schemes} if on_default else {port}),
             redirect_hosts=frozenset(target.redirect_hosts),
-            schemes=frozenset({"https", "http"} if target.allow_http else {"https"}),
+            schemes=schemes,
             max_redirects=target.max_redirects,
             private_networks=(tuple(target.allow_cidrs) or PRIVATE_NETWORKS) if target.private else (),
         )
@@ -105,6 +112,13 @@ class TargetScope(NamedTuple):
         if url.scheme not in self.schemes:
             return f"a redirect to {url.scheme}: URL is not allowed for this target"
         host = url.host_str  # an http(s) URL always has one, in lower case: the parser folds a name's case
-        if host != self.host and host not in self.redirect_hosts:
+        if host == self.host:  # first: listing the target's own host in redirect_hosts opens no port of it
+            port = url.port_or_known_default
+            if port in self.ports:
+                return None
+            ports = ", ".join(str(each) for each in sorted(self.ports))
+            where = f"its ports ({ports})" if len(self.ports) > 1 else f"its port ({ports})"
+            return f"a redirect to {host}:{port} is not allowed: the target's host is reached only at {where}"
+        if host not in self.redirect_hosts:  # any port of a listed host: it reaches global addresses only
             return f"a redirect to {host} is not allowed: the target's redirect_hosts does not list it"
         return None
