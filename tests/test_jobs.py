@@ -18,6 +18,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
@@ -33,7 +34,7 @@ from fanout.batch_response import item_line
 from fanout.jobs import split as split_module
 from fanout.jobs.ceilings import JobCeilings
 from fanout.jobs.chunk import CHUNK_FAILED, INVALID_ITEM, ChunkBusy, ChunkContext, bury_chunk, finish_if_done, run_chunk
-from fanout.jobs.files import JobFiles, Line, bounded_lines, inline_key
+from fanout.jobs.files import JobFiles, Line, bounded_lines, inline_key, s3_client
 from fanout.jobs.messages import RunChunk, SplitInput, decode, encode
 from fanout.jobs.split import SplitQueue, split_input
 from fanout.jobs.store import ChunkCounts, Claim, JobStore
@@ -826,6 +827,31 @@ def test_a_job_submitted_inline_runs_and_its_results_are_fetched(
     lines = [json.loads(line) for url in page["urls"] for line in requests.get(url, timeout=5).text.splitlines()]
     assert [line["id"] for line in lines] == [f"i{i}" for i in range(5)]
     assert jobs_api("DELETE", f"/jobs/{job_id}")[0] == 409  # it has ended
+
+
+@pytest.mark.parametrize(
+    ("region", "host"),
+    [("us-east-1", "in-bucket.s3.amazonaws.com"), ("eu-west-1", "in-bucket.s3.eu-west-1.amazonaws.com")],
+)
+def test_presigned_urls_are_sigv4_and_name_the_buckets_region(
+    region: str, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 refuses SigV2 for buckets created since June 2020, and boto3 presigns with it by default in the
+    older regions; the global name answers a new bucket of another region with a redirect."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_DEFAULT_REGION": region}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    files = JobFiles(s3_client(), input_bucket="in-bucket", results_bucket="out-bucket", url_ttl_s=60)
+    for url, bucket in [
+        (files.upload_url("a" * 32), "in-bucket"),
+        (files.results_url("results/x.jsonl"), "out-bucket"),
+    ]:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        assert parts.netloc == host.replace("in-bucket", bucket)
+        assert (query["X-Amz-Algorithm"], query["X-Amz-Expires"]) == (["AWS4-HMAC-SHA256"], ["60"])
+        assert query["X-Amz-Credential"][0].endswith(f"/{region}/s3/aws4_request")
+        assert "Signature" not in query and "AWSAccessKeyId" not in query
 
 
 def test_a_job_from_an_uploaded_file(jobs_api: Any, worker: Any, aws: dict[str, str]) -> None:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fanout.batch_api import BatchRequestItem, to_batch_item
 from fanout.jobs import messages
-from fanout.jobs.files import JobFiles, inline_key, upload_key
+from fanout.jobs.files import JobFiles, inline_key, s3_client, upload_key
 from fanout.jobs.messages import SplitInput
 from fanout.jobs.store import ENDED, JobStatus, JobStore
 from fanout.openapi_body import add_components, body_of
@@ -95,7 +95,7 @@ class JobsApi:
         self.settings = settings
         self.store = JobStore(boto3.client("dynamodb"), settings.jobs_table, retention_days=settings.job_retention_days)
         self.files = JobFiles(
-            boto3.client("s3"),
+            s3_client(),
             input_bucket=settings.input_bucket,
             results_bucket=settings.results_bucket,
             url_ttl_s=settings.results_url_ttl_s,

@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, NamedTuple
 
+import boto3
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from fanout.jobs.store import ChunkCounts
@@ -26,6 +28,15 @@ from fanout.jobs.store import ChunkCounts
 READ_BLOCK_BYTES = 1 << 20
 SPOOL_BYTES = 8 << 20  # a chunk's results file in memory up to this, then on /tmp
 _COUNTED = ("succeeded", "failed", "skipped")  # a results file's counts, kept as its metadata
+
+
+def s3_client() -> Any:
+    """boto3's S3 client as the jobs need it. Its presigned URLs are signed with SigV4: boto3 still
+    presigns with SigV2 in the older regions, and S3 refuses SigV2 for buckets created since June 2020,
+    as `sam deploy` creates them. Virtual-hosted, so a URL names the bucket's region: the global name
+    answers a new bucket of another region with a 307 for up to a day. Against an address (moto, locally)
+    botocore falls back to path-style."""
+    return boto3.client("s3", config=Config(signature_version="s3v4", s3={"addressing_style": "virtual"}))
 
 
 class Line(NamedTuple):

@@ -21,7 +21,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from fanout.budget import call_budget_s
 from fanout.jobs.chunk import ChunkContext, bury_chunk, finish_if_done, now_ms, run_chunk
-from fanout.jobs.files import JobFiles
+from fanout.jobs.files import JobFiles, s3_client
 from fanout.jobs.messages import SplitInput, decode
 from fanout.jobs.split import SplitQueue, split_input
 from fanout.jobs.store import JobStore
@@ -49,7 +49,7 @@ class Worker:
             settings=settings,
             store=JobStore(boto3.client("dynamodb"), settings.jobs_table, retention_days=settings.job_retention_days),
             files=JobFiles(
-                boto3.client("s3"),
+                s3_client(),
                 input_bucket=settings.input_bucket,
                 results_bucket=settings.results_bucket,
                 url_ttl_s=settings.results_url_ttl_s,
