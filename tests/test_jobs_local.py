@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,27 @@ def test_bad_input_is_a_4xx_at_submit_or_an_items_error(stack: RunningGateway, t
         ("line 2", "InvalidItem"),
         ("i2", None),
     ]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/plain", None]
+)
+def test_an_upload_is_kept_as_sent_whatever_its_content_type(
+    content_type: str | None, stack: RunningGateway, tmp_path: Path
+) -> None:
+    """S3 keeps a PUT's bytes whatever its Content-Type says; `curl --data-binary` says a form. Through moto
+    that upload was an empty file (a job of none of its items) and, past a byte that is not UTF-8, a PUT
+    that never answered."""
+    api = Api(stack.url)
+    upload = api.call("POST", "jobs/uploads")
+    data = "".join(json.dumps(row) + "\n" for row in items(3)).encode() + b'{"id": "caf\xe9"}\n'
+    headers = {} if content_type is None else {"content-type": content_type}
+    put = urllib.request.Request(upload["upload_url"], data=data, method="PUT", headers=headers)
+    with urllib.request.urlopen(put, timeout=10) as answer:
+        assert answer.status == 200
+    job_id = api.call("POST", "jobs", {"upload_id": upload["upload_id"]})["job_id"]
+    job = wait_for_end(stack, job_id, 60)
+    assert (job["status"], job["total"], job["succeeded"], job["failed"]) == ("succeeded", 4, 3, 1)
 
 
 def test_a_cancelled_job_stops_starting_chunks(target: LocalUpstream, tmp_path: Path) -> None:

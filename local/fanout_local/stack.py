@@ -43,6 +43,25 @@ class OneDynamoDBRequestAtATime:
             return self.app(environ, start_response)
 
 
+class PutBodiesAsSent:
+    """S3 keeps a PUT's bytes whatever its Content-Type says; moto (5.2.5, through Flask) reads a form
+    type's body as form fields. `curl --data-binary` says application/x-www-form-urlencoded: its upload
+    was kept as an empty file (a job of none of its items), and a byte that is not UTF-8 left the PUT
+    unanswered. So a PUT's body reaches moto as application/octet-stream."""
+
+    FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") == "PUT" and environ.get("CONTENT_TYPE", "").lower().startswith(
+            self.FORM_TYPES
+        ):
+            environ = {**environ, "CONTENT_TYPE": "application/octet-stream"}
+        return self.app(environ, start_response)
+
+
 class LocalStack:
     """moto's server on 127.0.0.1:`port` (0: a free port), and the template's resources in it."""
 
@@ -65,7 +84,7 @@ class LocalStack:
         from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per AWS call on the console
-        app = OneDynamoDBRequestAtATime(DomainDispatcherApplication(create_backend_app))
+        app = PutBodiesAsSent(OneDynamoDBRequestAtATime(DomainDispatcherApplication(create_backend_app)))
         self._server = make_server("127.0.0.1", self.port, app, threaded=True, request_handler=MotoRequestHandler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="moto", daemon=True)
