@@ -455,8 +455,8 @@ def granted(resources: dict[str, Any], role: str) -> dict[str, set[str]]:
 
 
 def test_the_jobs_roles_reach_only_their_own_table_buckets_and_queues(resources: dict[str, Any]) -> None:
-    """Least privilege; the worker lists only the results prefix (a HEAD of a missing object is a 404
-    with s3:ListBucket, a 403 without it)."""
+    """Least privilege; the jobs function lists only the uploads prefix and the worker the results prefix
+    (a HEAD of a missing object is a 404 with s3:ListBucket, a 403 without it)."""
     table = json.dumps({"Fn::GetAtt": ["JobsTable", "Arn"]})
     queue = json.dumps({"Fn::GetAtt": ["ChunkQueue", "Arn"]})
     dead = json.dumps({"Fn::GetAtt": ["ChunkDeadLetterQueue", "Arn"]})
@@ -470,6 +470,7 @@ def test_the_jobs_roles_reach_only_their_own_table_buckets_and_queues(resources:
         "dynamodb:Query": {table},
         "s3:GetObject": inputs | results,
         "s3:PutObject": inputs,
+        "s3:ListBucket": {json.dumps({"Fn::GetAtt": ["InputBucket", "Arn"]})},
         "sqs:SendMessage": {queue},
     }
     assert worker == {
@@ -487,13 +488,14 @@ def test_the_jobs_roles_reach_only_their_own_table_buckets_and_queues(resources:
         "sqs:GetQueueAttributes": {queue, dead},
         "sqs:ChangeMessageVisibility": {queue, dead},
     }
-    (listing,) = [
-        statement
-        for policy in of_type(resources, "AWS::IAM::Role")["WorkerFunctionRole"]["Policies"]
-        for statement in policy["PolicyDocument"]["Statement"]
-        if statement["Action"] == ["s3:ListBucket"]
-    ]
-    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["results/*"]}}
+    for role, prefix in [("JobsFunctionRole", "uploads/*"), ("WorkerFunctionRole", "results/*")]:
+        (listing,) = [
+            statement
+            for policy in of_type(resources, "AWS::IAM::Role")[role]["Policies"]
+            for statement in policy["PolicyDocument"]["Statement"]
+            if statement["Action"] == ["s3:ListBucket"]
+        ]
+        assert listing["Condition"] == {"StringLike": {"s3:prefix": [prefix]}}  # S3 tests the key as s3:prefix
 
 
 # --- the same stack in moto, read back through boto3 ------------------------------------------
