@@ -12,6 +12,11 @@ the job's counters on the condition that this attempt still holds it. A redelive
 chunk that is done is acknowledged and skipped; an attempt that lost its lease (it ran
 past it, and another took over) leaves its file behind and counts nothing.
 
+DynamoDB refuses a write that meets a transaction on the same item, and cancels a
+transaction that meets another write: chunks of one job finishing together all add to
+the job's row. botocore retries neither, so every update here is retried on such a
+conflict (`_retrying_conflicts`); nothing was written, so a retry writes it once.
+
 Times are integer milliseconds since the epoch; `expires_at` (seconds) is the TTL.
 """
 
@@ -20,10 +25,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 _serialize = TypeSerializer().serialize
 _deserialize = TypeDeserializer().deserialize
@@ -88,6 +96,30 @@ def _int_if_whole(value: Any) -> Any:
 def _transaction_condition_failed(exc: Exception) -> bool:
     reasons = getattr(exc, "response", {}).get("CancellationReasons", [])
     return any(reason.get("Code") == "ConditionalCheckFailed" for reason in reasons)
+
+
+def is_write_conflict(exc: BaseException) -> bool:
+    """A write DynamoDB refused because a transaction held the item, or a transaction it cancelled because
+    another write did (and for no failed condition: that outcome stands)."""
+    if not isinstance(exc, ClientError):
+        return False
+    code = exc.response.get("Error", {}).get("Code")
+    if code == "TransactionConflictException":
+        return True
+    reasons = {reason.get("Code") for reason in exc.response.get("CancellationReasons", [])}
+    if code != "TransactionCanceledException" or "ConditionalCheckFailed" in reasons:
+        return False
+    return "TransactionConflict" in reasons
+
+
+@retry(
+    retry=retry_if_exception(is_write_conflict),
+    wait=wait_random_exponential(multiplier=0.02, max=1.0),  # jittered: the writers that met meet again less
+    stop=stop_after_attempt(12),
+    reraise=True,
+)
+def _retrying_conflicts(write: Callable[..., dict[str, Any]], **request: Any) -> dict[str, Any]:
+    return write(**request)
 
 
 class JobStore:
@@ -157,7 +189,8 @@ class JobStore:
         `chunks` already sent (holding `total` items, if known) are recorded."""
         sizes = {"chunks": chunks, **({"total": total} if total is not None else {})}
         try:
-            self.db.update_item(
+            _retrying_conflicts(
+                self.db.update_item,
                 TableName=self.table,
                 Key=_job_key(job_id),
                 UpdateExpression="SET #status = :failed, #error = :reason, updated_ms = :now, "
@@ -181,7 +214,8 @@ class JobStore:
     ) -> bool:
         """expected -> status, also setting the `stamp` attribute to now if given; False if it was not `expected`."""
         try:
-            self.db.update_item(
+            _retrying_conflicts(
+                self.db.update_item,
                 TableName=self.table,
                 Key=_job_key(job_id),
                 UpdateExpression="SET #status = :status, updated_ms = :now" + (f", {stamp} = :now" if stamp else ""),
@@ -195,7 +229,8 @@ class JobStore:
 
     def split_progress(self, job_id: str, sent: int) -> None:
         """How many chunk messages the split has sent: a redelivered split goes on from there."""
-        self.db.update_item(
+        _retrying_conflicts(
+            self.db.update_item,
             TableName=self.table,
             Key=_job_key(job_id),
             UpdateExpression="SET split_sent = :sent",
@@ -204,7 +239,8 @@ class JobStore:
 
     def split_done(self, job_id: str, *, total: int, chunks: int, now_ms: int) -> None:
         """The job's size is known: `total` items in `chunks` chunks."""
-        self.db.update_item(
+        _retrying_conflicts(
+            self.db.update_item,
             TableName=self.table,
             Key=_job_key(job_id),
             UpdateExpression="SET #total = :total, chunks = :chunks, split_sent = :chunks, updated_ms = :now",
@@ -215,7 +251,8 @@ class JobStore:
     def finish(self, job_id: str, status: JobStatus, *, expected: str, now_ms: int) -> bool:
         """End the job once every chunk is recorded; True for the one caller that ended it."""
         try:
-            self.db.update_item(
+            _retrying_conflicts(
+                self.db.update_item,
                 TableName=self.table,
                 Key=_job_key(job_id),
                 UpdateExpression="SET #status = :status, finished_ms = :now, updated_ms = :now",
@@ -232,7 +269,8 @@ class JobStore:
 
     def claim(self, job_id: str, index: int, *, attempt: str, lease_ms: int, now_ms: int) -> Claim:
         try:
-            self.db.update_item(
+            _retrying_conflicts(
+                self.db.update_item,
                 TableName=self.table,
                 Key=_chunk_key(job_id, index),
                 UpdateExpression="SET #state = :running, attempt = :attempt, lease_until = :lease, "
@@ -345,7 +383,9 @@ class JobStore:
             **({"ExpressionAttributeNames": names} if names else {}),
         }
         try:
-            self.db.transact_write_items(TransactItems=[{"Update": chunk_update}, {"Update": job_update}])
+            _retrying_conflicts(
+                self.db.transact_write_items, TransactItems=[{"Update": chunk_update}, {"Update": job_update}]
+            )
         except self.db.exceptions.TransactionCanceledException as exc:
             if _transaction_condition_failed(exc):
                 return False
@@ -370,7 +410,8 @@ class JobStore:
     def pause(self, target: str, until_ms: int, now_ms: int) -> None:
         """Pause a target for every worker until `until_ms` (never shortening a pause)."""
         with contextlib.suppress(self.db.exceptions.ConditionalCheckFailedException):  # a longer one holds
-            self.db.update_item(
+            _retrying_conflicts(
+                self.db.update_item,
                 TableName=self.table,
                 Key=_pause_key(target),
                 UpdateExpression="SET paused_until = :until, expires_at = :expires",
