@@ -264,6 +264,98 @@ def test_an_answer_that_turns_inside_is_refused_before_sending(monkeypatch: pyte
     assert connections == {"127.0.0.2": 1, "127.0.0.1": 0}
 
 
+def test_an_address_that_refuses_is_passed_over_for_the_names_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name pinned to one address of several: when it refuses (a dead node still in DNS, IPv6 where the
+    network routes none), the next request goes to the next address, as a client left to connect by itself
+    would. Before, every request went to the dead address for as long as DNS kept it."""
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup({"upstream.test": ["127.0.0.3", "127.0.0.1"]}))
+
+    async def call(listeners: Listeners) -> tuple[list[str], dict[str, int]]:
+        client = transport()
+        outcomes = []
+        try:
+            for _ in range(3):
+                try:
+                    status, _ = await client.get_status(f"http://upstream.test:{listeners.port}/")
+                    outcomes.append(str(status))
+                except RequestError as error:
+                    outcomes.append(error.kind)
+        finally:
+            await client.aclose()
+        return outcomes, listeners.connections
+
+    assert run(with_listeners(["127.0.0.1"], call)) == (["ConnectError", "200", "200"], {"127.0.0.1": 1})
+
+
+def test_an_address_whose_connect_never_completes_is_passed_over_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup({"upstream.test": ["127.0.0.3", "127.0.0.1"]}))
+
+    async def call(listeners: Listeners) -> list[str]:
+        with contextlib.ExitStack() as stack:
+            listener = stack.enter_context(socket.socket())
+            listener.bind(("127.0.0.3", listeners.port))
+            listener.listen(0)
+            for _ in range(3):  # its queue full: a connect to it never completes
+                pending = stack.enter_context(socket.socket())
+                pending.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    pending.connect(("127.0.0.3", listeners.port))
+            client = make_transport("pyreqwest", max_connections=4, timeout_s=0.3, allow_private=True)
+            outcomes = []
+            try:
+                for _ in range(2):
+                    try:
+                        outcomes.append(str((await client.get_status(f"http://upstream.test:{listeners.port}/"))[0]))
+                    except RequestError as error:
+                        outcomes.append(error.kind)
+            finally:
+                await client.aclose()
+            return outcomes
+
+    assert run(with_listeners(["127.0.0.1"], call)) == ["ConnectTimeout", "200"]
+
+
+def test_a_batch_item_whose_first_address_refuses_is_answered_on_its_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fanout.pinning.lookup", stub_lookup({"upstream.test": ["127.0.0.3", "127.0.0.1"]}))
+    scope = TargetScope(
+        name="t",
+        host="upstream.test",
+        ports=frozenset(),
+        redirect_hosts=frozenset(),
+        schemes=frozenset({"http"}),
+        max_redirects=0,
+        private_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+    )
+
+    async def call(listeners: Listeners) -> list[str]:
+        client = transport(allow_private=False)
+        url = Url(f"http://upstream.test:{listeners.port}/")
+        outcomes = []
+        try:
+            for _ in range(2):  # the runner's attempts, as /batch and the jobs make them
+                try:
+                    answer = await client.send("GET", url, headers={}, body=None, max_body_bytes=10, scope=scope)
+                    outcomes.append(str(answer.status))
+                except RequestError as error:
+                    outcomes.append(error.kind)
+        finally:
+            await client.aclose()
+        return outcomes
+
+    assert run(with_listeners(["127.0.0.1"], call)) == ["ConnectError", "200"]
+
+
+def test_a_demoted_address_goes_last_and_only_while_it_is_the_one_pinned() -> None:
+    pins = Pins()
+    pins._pins["a.test"] = Pin(("10.0.0.1", "10.0.0.2", "10.0.0.3"), expires=float("inf"))
+    pins.demote("a.test", "10.0.0.1")
+    assert pins._pins["a.test"].addresses == ("10.0.0.2", "10.0.0.3", "10.0.0.1")
+    pins.demote("a.test", "10.0.0.1")  # a second request that failed on it: already passed over
+    assert pins._pins["a.test"].addresses == ("10.0.0.2", "10.0.0.3", "10.0.0.1")
+    pins.demote("b.test", "10.0.0.9")  # no answer for the name: nothing to do
+    assert "b.test" not in pins._pins
+
+
 def test_a_name_that_does_not_resolve_is_a_connect_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("fanout.pinning.lookup", stub_lookup({}))
     client = transport()

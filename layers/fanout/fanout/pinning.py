@@ -9,7 +9,9 @@ connects in Rust (pyreqwest) and so offers no connect hook, only a static DNS en
   resolver does), and the name's client is built with the name pinned to the first
   address: the client never asks DNS itself. An answer is kept `PIN_TTL_S`, then
   looked up again (the pinned address stays while the answer holds it); concurrent
-  requests for a name share one lookup.
+  requests for a name share one lookup. An address that fails to connect goes last
+  (`Pins.demote`), so the next request tries the next one, as a client connecting by
+  itself would (a dead node still in DNS, IPv6 where the network routes none).
 """
 
 from __future__ import annotations
@@ -99,6 +101,13 @@ class Pins:
         pin = self._pins.get(name)
         fresh = pin is not None and pin.expires > time.monotonic()  # equivalent: Gt -> GtE (this instant)
         return pin if fresh else None
+
+    def demote(self, name: str, address: str) -> None:
+        """After a connect to `address` failed: the name's other addresses first, until the answer changes.
+        Only while it is the one pinned, so requests that failed on it together move it once."""
+        pin = self._pins.get(name)
+        if pin is not None and pin.address == address:
+            self._pins[name] = pin._replace(addresses=(*pin.addresses[1:], address))
 
     async def get(self, name: str) -> Pin:
         pin = self.current(name)

@@ -7,7 +7,8 @@ will read it (fanout.pinning.destination: reqwest is then handed that reading) a
 - a name is looked up by us and every address of the answer is checked; the request
   then goes through that name's own client, built with the name pinned to the
   checked address (reqwest's `resolve`), so reqwest never asks DNS. When a later
-  lookup gives another first address, the name gets a new client.
+  lookup gives another first address, or the pinned one fails to connect (it goes
+  last), the name gets a new client.
 Nothing else can make reqwest connect: no proxies (its environment proxies are
 cleared), no redirects of its own, no cookies. The checks are cached per address,
 port and policy: they cost a dict lookup per request.
@@ -62,6 +63,8 @@ from fanout.transports import (
 CONNECTING = "client error (Connect)"
 #: ... when the server closed the connection without (a whole) answer: aiohttp's ServerDisconnectedError.
 CLOSED_EARLY = "connection closed before message completed"
+#: Errors that sent nothing, the address itself failing: the name's next address is tried next time.
+NOT_CONNECTED = frozenset({"ConnectError", "ConnectTimeout"})
 
 
 class PyreqwestTransport(Transport):
@@ -81,6 +84,7 @@ class PyreqwestTransport(Transport):
 
     async def get_status(self, url: str) -> tuple[int, str | None]:
         async with self._slot(None):
+            client = None
             try:
                 networks = self._public_networks
                 where = _destination_of(url, networks)
@@ -90,9 +94,10 @@ class PyreqwestTransport(Transport):
             except RequestError:
                 raise
             except Exception as exc:
-                raise _request_error(exc) from exc
+                raise self._failed(client, exc) from exc
 
     async def _exchange(self, hop: Hop) -> UpstreamResponse:
+        client = None
         try:
             where = _destination_of(hop.url, hop.networks)
             client = self._ready_client(where, hop.networks) or await self._client_for(where, hop.networks)
@@ -111,7 +116,17 @@ class PyreqwestTransport(Transport):
         except RequestError:
             raise
         except Exception as exc:
-            raise _request_error(exc) from exc
+            raise self._failed(client, exc) from exc
+
+    def _failed(self, client: Client | None, exc: BaseException) -> RequestError:
+        """The error in our vocabulary; a pinned address that failed to connect goes last, so the name's next
+        request gets a client pinned to its next address (this one's retry, for /batch and the jobs)."""
+        error = _request_error(exc)
+        if error.kind in NOT_CONNECTED and client is not None:
+            for name, pinned in self._clients.items():
+                if pinned is client and name is not None:  # the name this client is still the current one of
+                    self._pins.demote(name, self._pinned[name])
+        return error
 
     def _ready_client(self, where: Destination, networks: tuple[IPNetwork, ...]) -> Client | None:
         """The fast path of `_client_for`, without a coroutine: None when a name's answer must be looked up.
