@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 from botocore.exceptions import ClientError
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -799,6 +800,25 @@ def test_the_worker_buries_dead_letters_and_the_job_ends(worker: Any, aws: dict[
     job = store().get(job_id)
     assert job is not None
     assert (job["status"], job["succeeded"], job["failed"]) == ("failed", 2, 2)
+
+
+def test_a_message_that_is_not_ours_goes_to_the_dead_letter_queue_and_is_dropped_there_saying_so(
+    worker: Any, aws: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the chunk queue it fails (SQS moves it on after its receives); on the dead-letter queue, which has
+    no queue after it, failing brought it back every visibility timeout for the queue's 14 days of retention."""
+    event = sqs_event([SplitInput(job_id="0" * 32, key="k")], source_arn="chunks")
+    event["Records"][0]["body"] = '{"kind": "unknown"}'
+    with pytest.raises(BatchProcessingError, match="All records failed"):  # its whole batch: all come back
+        worker.handle(event, lambda_context())
+    event["Records"][0]["eventSourceARN"] = aws["dead_arn"]
+    with caplog.at_level("ERROR"):
+        assert worker.handle(event, lambda_context()) == {"batchItemFailures": []}
+    (dropped,) = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert dropped.getMessage() == (
+        "dropped a dead letter that is not a chunk queue message: 'not a chunk queue message: "
+        '\\\'{"kind": "unknown"}\\\'\''
+    )
 
 
 def test_a_split_in_the_dead_letter_queue_fails_its_job(worker: Any, aws: dict[str, str]) -> None:

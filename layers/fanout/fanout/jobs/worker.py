@@ -12,6 +12,7 @@ job, so that no job waits forever for a chunk that will never run.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -32,6 +33,7 @@ from fanout.transports import MAX_HEAD_BYTES
 DEAD_LETTER_REASON = "the chunk failed on every delivery and was moved to the dead-letter queue"
 REQUIRED = ("jobs_table", "input_bucket", "results_bucket", "chunk_queue_url", "dead_letter_queue_arn")
 ANSWERS_SHARE = 0.5  # of the worker's memory, for the upstream answers its chunks hold at once
+_logger = logging.getLogger(__name__)  # the Lambda runtime's handler writes it to the function's log
 
 
 class Worker:
@@ -67,8 +69,16 @@ class Worker:
         )
 
     async def record(self, record: SQSRecord) -> None:
-        message = decode(record.body)
         dead = record.event_source_arn == self.settings.dead_letter_queue_arn
+        try:
+            message = decode(record.body)
+        except ValueError as exc:
+            if not dead:
+                raise  # back to the queue, then on to the dead-letter queue after its receives
+            # No queue follows this one: failing it would bring it back every visibility timeout until
+            # the queue's retention drops it. It carries no job (none of ours could read it): logged, dropped.
+            _logger.error("dropped a dead letter that is not a chunk queue message: %r", str(exc))
+            return
         context = self.context
         if isinstance(message, SplitInput):
             if dead:
