@@ -15,7 +15,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -264,6 +264,17 @@ def test_an_answer_that_turns_inside_is_refused_before_sending(monkeypatch: pyte
     assert connections == {"127.0.0.2": 1, "127.0.0.1": 0}
 
 
+async def statuses(request: Callable[[], Awaitable[int]], times: int) -> list[str]:
+    """What each of `times` requests in a row came to: its status, or its error's kind."""
+    found = []
+    for _ in range(times):
+        try:
+            found.append(str(await request()))
+        except RequestError as error:
+            found.append(error.kind)
+    return found
+
+
 def test_an_address_that_refuses_is_passed_over_for_the_names_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """A name pinned to one address of several: when it refuses (a dead node still in DNS, IPv6 where the
     network routes none), the next request goes to the next address, as a client left to connect by itself
@@ -272,17 +283,14 @@ def test_an_address_that_refuses_is_passed_over_for_the_names_next_one(monkeypat
 
     async def call(listeners: Listeners) -> tuple[list[str], dict[str, int]]:
         client = transport()
-        outcomes = []
+
+        async def get() -> int:
+            return (await client.get_status(f"http://upstream.test:{listeners.port}/"))[0]
+
         try:
-            for _ in range(3):
-                try:
-                    status, _ = await client.get_status(f"http://upstream.test:{listeners.port}/")
-                    outcomes.append(str(status))
-                except RequestError as error:
-                    outcomes.append(error.kind)
+            return await statuses(get, 3), listeners.connections
         finally:
             await client.aclose()
-        return outcomes, listeners.connections
 
     assert run(with_listeners(["127.0.0.1"], call)) == (["ConnectError", "200", "200"], {"127.0.0.1": 1})
 
@@ -301,16 +309,14 @@ def test_an_address_whose_connect_never_completes_is_passed_over_too(monkeypatch
                 with contextlib.suppress(BlockingIOError):
                     pending.connect(("127.0.0.3", listeners.port))
             client = make_transport("pyreqwest", max_connections=4, timeout_s=0.3, allow_private=True)
-            outcomes = []
+
+            async def get() -> int:
+                return (await client.get_status(f"http://upstream.test:{listeners.port}/"))[0]
+
             try:
-                for _ in range(2):
-                    try:
-                        outcomes.append(str((await client.get_status(f"http://upstream.test:{listeners.port}/"))[0]))
-                    except RequestError as error:
-                        outcomes.append(error.kind)
+                return await statuses(get, 2)
             finally:
                 await client.aclose()
-            return outcomes
 
     assert run(with_listeners(["127.0.0.1"], call)) == ["ConnectTimeout", "200"]
 
@@ -330,17 +336,14 @@ def test_a_batch_item_whose_first_address_refuses_is_answered_on_its_retry(monke
     async def call(listeners: Listeners) -> list[str]:
         client = transport(allow_private=False)
         url = Url(f"http://upstream.test:{listeners.port}/")
-        outcomes = []
+
+        async def send() -> int:
+            return (await client.send("GET", url, headers={}, body=None, max_body_bytes=10, scope=scope)).status
+
         try:
-            for _ in range(2):  # the runner's attempts, as /batch and the jobs make them
-                try:
-                    answer = await client.send("GET", url, headers={}, body=None, max_body_bytes=10, scope=scope)
-                    outcomes.append(str(answer.status))
-                except RequestError as error:
-                    outcomes.append(error.kind)
+            return await statuses(send, 2)  # the runner's attempts, as /batch and the jobs make them
         finally:
             await client.aclose()
-        return outcomes
 
     assert run(with_listeners(["127.0.0.1"], call)) == ["ConnectError", "200"]
 
