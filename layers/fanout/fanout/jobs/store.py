@@ -93,9 +93,13 @@ def _int_if_whole(value: Any) -> Any:
     return value
 
 
+def _cancellation_reasons(exc: BaseException) -> set[str]:
+    """Why DynamoDB cancelled a transaction, one code per item ("None" for an item that was fine)."""
+    return {reason.get("Code") for reason in getattr(exc, "response", {}).get("CancellationReasons", [])}
+
+
 def _transaction_condition_failed(exc: Exception) -> bool:
-    reasons = getattr(exc, "response", {}).get("CancellationReasons", [])
-    return any(reason.get("Code") == "ConditionalCheckFailed" for reason in reasons)
+    return "ConditionalCheckFailed" in _cancellation_reasons(exc)
 
 
 def is_write_conflict(exc: BaseException) -> bool:
@@ -106,10 +110,9 @@ def is_write_conflict(exc: BaseException) -> bool:
     code = exc.response.get("Error", {}).get("Code")
     if code == "TransactionConflictException":
         return True
-    reasons = {reason.get("Code") for reason in exc.response.get("CancellationReasons", [])}
-    if code != "TransactionCanceledException" or "ConditionalCheckFailed" in reasons:
+    if code != "TransactionCanceledException" or _transaction_condition_failed(exc):
         return False
-    return "TransactionConflict" in reasons
+    return "TransactionConflict" in _cancellation_reasons(exc)
 
 
 @retry(
