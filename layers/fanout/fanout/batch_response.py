@@ -92,14 +92,15 @@ class _Item:
 def item_line(report: ItemReport, **first: Any) -> str:
     """One item's JSON object on one line (a job's results), the `first` fields ahead of it.
 
-    A text body that escaping would make longer than its base64 (control characters take six
-    bytes each) goes as base64: a line is then never much more than its body, so a chunk's
-    results file is bounded by its bodies' cap whatever an upstream sends."""
+    A body that writing would make longer than its base64 goes as base64: text whose escapes take
+    six bytes a control character, JSON whose numbers are written back longer (`1e15` in 18
+    bytes). A line is then never much more than its body, so a chunk's results file is bounded
+    by its bodies' cap whatever an upstream sends."""
     fields = {**first, **_fields(report)}
     line, _ = _written(fields, report, _utf8_size)
     response = report.response
-    text = fields.get("body")
-    if response is not None and isinstance(text, str) and _escapes_past_base64(text, response.body):
+    body = fields.get("body")
+    if response is not None and body is not None and _written_past_base64(body, response.body):
         fields.update(_decode_body(response.body, "", response.truncated, force="base64"))
         line, _ = _written(fields, report, _utf8_size)
     return line
@@ -126,9 +127,10 @@ def _utf8_size(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def _escapes_past_base64(text: str, data: bytes) -> bool:
-    """Whether `text` (decoded from `data`) takes more bytes as a JSON string than `data` in base64."""
-    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) > 4 * math.ceil(len(data) / 3) + 2
+def _written_past_base64(body: Any, data: bytes) -> bool:
+    """Whether `body` (text decoded from `data`, or the JSON parsed from it) takes more bytes written as
+    JSON than `data` in base64: escaped text, or JSON written back (`1e15` is `1000000000000000.0`)."""
+    return len(json.dumps(body, ensure_ascii=False).encode("utf-8")) > 4 * math.ceil(len(data) / 3) + 2
 
 
 class Rendered(NamedTuple):
