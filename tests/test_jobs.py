@@ -867,6 +867,28 @@ def test_the_worker_refuses_to_start_if_its_chunks_answers_could_fill_it(monkeyp
             lambda_memory_mb()
 
 
+def test_the_worker_refuses_to_start_if_its_chunks_results_could_fill_its_tmp() -> None:
+    """An invocation's chunks spool their results files to /tmp at once (past 8 MiB each) before they go to
+    S3; each line is at most its body in base64, its headers written three times over (escapes, U+FFFD)
+    and 4 KiB more. Lambda's /tmp is 512 MB unless EphemeralStorage says otherwise: ENOSPC on every
+    delivery of a chunk that met large answers, and locally never, since a laptop's /tmp is large."""
+    from fanout.jobs.worker import check_results_fit
+    from fanout.settings import ConfigError
+
+    settings = Settings(worker_batch_size=2, chunk_items=1000)
+    line = 4 * math.ceil(262144 / 3) + 3 * 65536 + 4096
+    assert line == 550_232
+    check_results_fit(settings, 2 * 1000 * line)
+    with pytest.raises(ConfigError) as refused:
+        check_results_fit(settings, 2 * 1000 * line - 1)
+    assert str(refused.value) == (
+        "Invalid configuration: FANOUT_WORKER_BATCH_SIZE (2) x FANOUT_CHUNK_ITEMS (1000) x results lines of up to "
+        "550232 bytes (FANOUT_MAX_ITEM_BYTES (262144) in base64, 65536 of headers written out) is 1049 MiB of "
+        "results files on /tmp at once, over its 1049 MiB free: lower ChunkItems or WorkerBatchSize, or raise "
+        "WorkerTmpSize"
+    )
+
+
 # --- the jobs routes, through the real handler --------------------------------------------------------------------
 
 

@@ -167,11 +167,12 @@ def test_the_chunk_queue_outlasts_the_worker_and_feeds_it_partial_failures(templ
 
 
 def test_every_environments_worker_has_room_for_the_answers_of_its_chunks(template: dict[str, Any]) -> None:
-    """The worker refuses to start when WorkerBatchSize x ChunkItems answers could fill half its memory:
-    the defaults and every samconfig environment must start, and the template tells the worker all three."""
+    """The worker refuses to start when WorkerBatchSize x ChunkItems answers could fill half its memory, or
+    their results files its /tmp: the defaults and every samconfig environment must start, and the template
+    tells the worker all four."""
     import tomllib
 
-    from fanout.jobs.worker import check_answers_fit
+    from fanout.jobs.worker import check_answers_fit, check_results_fit
 
     params = template["Parameters"]
     config = tomllib.loads((ROOT / "samconfig.toml").read_text())
@@ -180,8 +181,11 @@ def test_every_environments_worker_has_room_for_the_answers_of_its_chunks(templa
         chosen = {name: int(overrides.get(name, params[name]["Default"])) for name in ("WorkerBatchSize", "ChunkItems")}
         settings = Settings(worker_batch_size=chosen["WorkerBatchSize"], chunk_items=chosen["ChunkItems"])
         check_answers_fit(settings, int(overrides.get("WorkerMemorySize", params["WorkerMemorySize"]["Default"])))
+        tmp_mb = int(overrides.get("WorkerTmpSize", params["WorkerTmpSize"]["Default"]))
+        check_results_fit(settings, tmp_mb * 2**20)  # /tmp empty at cold start (MB are MiB to Lambda)
     worker = template["Resources"]["WorkerFunction"]["Properties"]
     assert worker["MemorySize"] == {"Ref": "WorkerMemorySize"}
+    assert worker["EphemeralStorage"] == {"Size": {"Ref": "WorkerTmpSize"}}
     assert worker["Environment"]["Variables"]["FANOUT_WORKER_BATCH_SIZE"] == {"Ref": "WorkerBatchSize"}
     assert worker["Environment"]["Variables"]["FANOUT_CHUNK_ITEMS"] == {"Ref": "ChunkItems"}
     assert "FANOUT_MAX_ITEM_BYTES" not in worker["Environment"]["Variables"]  # the 256 KiB the parameters name

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import boto3
@@ -33,6 +36,7 @@ from fanout.transports import MAX_HEAD_BYTES
 DEAD_LETTER_REASON = "the chunk failed on every delivery and was moved to the dead-letter queue"
 REQUIRED = ("jobs_table", "input_bucket", "results_bucket", "chunk_queue_url", "dead_letter_queue_arn")
 ANSWERS_SHARE = 0.5  # of the worker's memory, for the upstream answers its chunks hold at once
+RESULTS_LINE_FIELDS = 4096  # a results line's id, line number, status, timings and error message, written out
 _logger = logging.getLogger(__name__)  # the Lambda runtime's handler writes it to the function's log
 
 
@@ -44,6 +48,7 @@ class Worker:
         if missing:
             raise ConfigError(f"Invalid configuration: the worker needs {', '.join(missing)} (set by template.yaml)")
         check_answers_fit(settings, memory_mb)
+        check_results_fit(settings, shutil.disk_usage(tempfile.gettempdir()).free)
         self.settings = settings
         runner = build_runner(settings)
         self.sqs = boto3.client("sqs")
@@ -125,6 +130,30 @@ def lambda_memory_mb() -> int:
             "in MB, as Lambda sets it"
         )
     return int(given)
+
+
+def results_line_most(max_item_bytes: int) -> int:
+    """The longest results line an item can make: its body in base64 (fanout.batch_response writes any
+    body that would take more as base64), its headers written out (escapes double a quote, U+FFFD takes
+    three bytes for one that is not UTF-8) and the line's other fields."""
+    return 4 * math.ceil(max_item_bytes / 3) + 3 * MAX_HEAD_BYTES + RESULTS_LINE_FIELDS
+
+
+def check_results_fit(settings: Settings, tmp_free_bytes: int) -> None:
+    """An invocation's chunks spool their results files to /tmp (past SPOOL_BYTES each) before they go to
+    S3, at once. Lambda's /tmp is what the function's EphemeralStorage says (512 MB if nothing): results
+    that could fill it would fail a chunk that met large answers on every delivery. Refused at cold start,
+    as check_answers_fit refuses for memory."""
+    batch, items, each = settings.worker_batch_size, settings.chunk_items, settings.max_item_bytes
+    line = results_line_most(each)
+    most = batch * items * line
+    if most > tmp_free_bytes:
+        raise ConfigError(
+            f"Invalid configuration: FANOUT_WORKER_BATCH_SIZE ({batch}) x FANOUT_CHUNK_ITEMS ({items}) x results "
+            f"lines of up to {line} bytes (FANOUT_MAX_ITEM_BYTES ({each}) in base64, {MAX_HEAD_BYTES} of headers "
+            f"written out) is {most / 2**20:.0f} MiB of results files on /tmp at once, over its "
+            f"{tmp_free_bytes / 2**20:.0f} MiB free: lower ChunkItems or WorkerBatchSize, or raise WorkerTmpSize"
+        )
 
 
 def check_answers_fit(settings: Settings, memory_mb: int) -> None:
