@@ -730,6 +730,41 @@ def test_targets_pause_for_every_worker(aws: dict[str, str]) -> None:
     assert jobs.pauses(["up", "other"]) == {"up": now + 5000}
 
 
+class LeavingKeysUnprocessed:
+    """DynamoDB under throttling (moto never): BatchGetItem answers part of its keys and hands the rest back as
+    UnprocessedKeys, `times` calls in a row."""
+
+    def __init__(self, db: Any, times: int) -> None:
+        self.db, self.times, self.calls = db, times, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    def batch_get_item(self, **request: Any) -> Any:
+        self.calls += 1
+        if self.calls > self.times:
+            return self.db.batch_get_item(**request)
+        (table, asked), *_ = request["RequestItems"].items()
+        first, rest = asked["Keys"][:1], asked["Keys"][1:]
+        answer = self.db.batch_get_item(RequestItems={table: {**asked, "Keys": first}})
+        return {**answer, "UnprocessedKeys": {table: {**asked, "Keys": rest}} if rest else {}}
+
+
+def test_pauses_left_unprocessed_are_asked_again_after_a_growing_wait(
+    aws: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS asks for exponential backoff between such calls; asked again at once, a throttled table is hammered."""
+    waits: list[float] = []
+    monkeypatch.setattr("fanout.jobs.store._wait", waits.append)
+    now = int(time.time() * 1000)
+    for number in range(4):
+        store().pause(f"t{number}", now + 1000 * (number + 1), now)
+    table = LeavingKeysUnprocessed(boto3.client("dynamodb", region_name=REGION), times=3)
+    jobs = JobStore(table, TABLE, retention_days=7)
+    assert jobs.pauses([f"t{number}" for number in range(4)]) == {f"t{n}": now + 1000 * (n + 1) for n in range(4)}
+    assert table.calls == 4 and len(waits) == 3 and all(0 <= wait <= 1.0 for wait in waits)
+
+
 # --- the worker's handler ----------------------------------------------------------------------------------------
 
 

@@ -25,13 +25,21 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    retry,
+    retry_if_exception,
+    retry_if_result,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 _serialize = TypeSerializer().serialize
 _deserialize = TypeDeserializer().deserialize
@@ -123,6 +131,26 @@ def is_write_conflict(exc: BaseException) -> bool:
 )
 def _retrying_conflicts(write: Callable[..., dict[str, Any]], **request: Any) -> dict[str, Any]:
     return write(**request)
+
+
+_wait = time.sleep  # between reads of keys left unprocessed (a test counts the waits here)
+
+
+def _left_unread(state: RetryCallState) -> Any:
+    """After the last try: the keys still unprocessed, given up on (a pause is read again within a second)."""
+    return state.outcome.result() if state.outcome is not None else None
+
+
+@retry(
+    retry=retry_if_result(bool),  # keys left unprocessed: DynamoDB throttled part of the read
+    wait=wait_random_exponential(multiplier=0.05, max=1.0),
+    stop=stop_after_attempt(10),
+    retry_error_callback=_left_unread,
+    sleep=lambda seconds: _wait(seconds),
+)
+def _until_processed(read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`read` again, with a growing jittered wait, while it leaves keys unprocessed (AWS asks for backoff)."""
+    return read()
 
 
 class JobStore:
@@ -428,10 +456,15 @@ class JobStore:
         for start in range(0, len(targets), BATCH_GET_KEYS):
             keys = [_pause_key(target) for target in targets[start : start + BATCH_GET_KEYS]]
             request = {self.table: {"Keys": keys, "ConsistentRead": True}}
-            while request:
+
+            def read() -> dict[str, Any]:
+                nonlocal request
                 answer = self.db.batch_get_item(RequestItems=request)
                 for item in answer["Responses"].get(self.table, []):
                     plain = _plain(item)
                     found[plain["pk"].removeprefix("target#")] = plain["paused_until"]
                 request = answer.get("UnprocessedKeys") or {}
+                return request
+
+            _until_processed(read)
         return found
