@@ -1037,6 +1037,64 @@ def test_a_job_from_an_uploaded_file(jobs_api: Any, worker: Any, aws: dict[str, 
 
 
 @pytest.mark.parametrize(
+    ("operation", "failure", "method", "path"),
+    [
+        ("SendMessageBatch", ("ServiceUnavailable", 503), "POST", "/jobs"),
+        ("PutItem", ("ProvisionedThroughputExceededException", 400), "POST", "/jobs"),
+        ("GetItem", ("ThrottlingException", 400), "GET", "/jobs/" + "a" * 32),
+        ("GetItem", None, "GET", "/jobs/" + "a" * 32),  # unreachable: botocore's EndpointConnectionError
+    ],
+)
+def test_an_aws_call_failing_past_its_retries_is_a_503_saying_so(
+    operation: str,
+    failure: tuple[str, int] | None,
+    method: str,
+    path: str,
+    jobs_api: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DynamoDB throttled, SQS or S3 unavailable, an endpoint out of reach, after botocore's own retries: the
+    caller is told to try again (503, Retry-After), not handed a bare 500 as if its request were wrong."""
+    from botocore.client import BaseClient
+    from botocore.exceptions import EndpointConnectionError
+
+    real = BaseClient._make_api_call
+
+    def failing(client: Any, name: str, params: dict[str, Any]) -> Any:
+        if name != operation:
+            return real(client, name, params)
+        if failure is None:
+            raise EndpointConnectionError(endpoint_url="https://dynamodb.us-east-1.amazonaws.com")
+        code, status = failure
+        error = {"Error": {"Code": code, "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        raise ClientError(error, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", failing)
+    status, answer, headers = jobs_api(method, path, {"requests": [item(0)]} if method == "POST" else None)
+    said = f"{operation}: {failure[0]}" if failure else "EndpointConnectionError"
+    assert (status, answer) == (503, {"message": f"an AWS service the jobs use did not answer ({said}): try again"})
+    assert headers["retry-after"] == "1"
+
+
+def test_an_aws_refusal_that_no_retry_mends_is_a_502_naming_it(jobs_api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AccessDenied is the deployment's (its role's policy), not a moment's: no Retry-After, but still an answer
+    that says what failed, not a bare 500."""
+    from botocore.client import BaseClient
+
+    def refused(client: Any, name: str, params: dict[str, Any]) -> Any:
+        error = {"Error": {"Code": "AccessDenied", "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": 403}}
+        raise ClientError(error, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", refused)
+    status, answer, headers = jobs_api("GET", "/jobs/" + "a" * 32)
+    assert (status, answer) == (
+        502,
+        {"message": "an AWS service the jobs use refused the call (GetItem: AccessDenied)"},
+    )
+    assert "retry-after" not in headers
+
+
+@pytest.mark.parametrize(
     ("body", "where", "says"),
     [
         ({"requests": [item(0, target="nowhere")]}, ["body", "requests", 0, "target"], "unknown target"),

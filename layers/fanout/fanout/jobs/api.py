@@ -10,6 +10,7 @@ a bad line is its item's error in the results.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -18,8 +19,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import boto3
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fanout.batch_api import BatchRequestItem, to_batch_item
@@ -33,6 +36,7 @@ from fanout.strict_json import BodyError, parse_body
 from fanout.targets import TargetScope
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
+_logger = logging.getLogger(__name__)
 RESULTS_PAGE = 1000  # presigned URLs per page of GET /jobs/{id}/results
 
 
@@ -228,9 +232,47 @@ class JobsApi:
         return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
 
 
+#: Error codes of an AWS service that is throttling: a moment's, gone on a retry (botocore's own list is private).
+_THROTTLED = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+    }
+)
+
+
+def _is_outage(exc: Exception) -> bool:
+    """Whether an AWS call failed for the moment (throttled, a 5xx, out of reach) rather than for good."""
+    if not isinstance(exc, ClientError):
+        return True  # BotoCoreError: the endpoint unreachable, a connection cut, a read timed out
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status >= 500 or status == 429 or exc.response.get("Error", {}).get("Code") in _THROTTLED
+
+
+async def _aws_failed(_request: Request, exc: Exception) -> JSONResponse:
+    """A call to DynamoDB, S3 or SQS failed past botocore's own retries: 503 with Retry-After for an outage,
+    502 for a refusal no retry mends (the role's policy); either way what failed, never a bare 500."""
+    if isinstance(exc, ClientError):
+        said = f"{exc.operation_name}: {exc.response.get('Error', {}).get('Code')}"
+    else:
+        said = type(exc).__name__
+    _logger.error("an AWS call of the jobs failed: %s", said, exc_info=exc)
+    if _is_outage(exc):
+        message = f"an AWS service the jobs use did not answer ({said}): try again"
+        return JSONResponse({"message": message}, status_code=503, headers={"retry-after": "1"})
+    return JSONResponse({"message": f"an AWS service the jobs use refused the call ({said})"}, status_code=502)
+
+
 def add_job_routes(app: FastAPI, settings: Settings) -> None:
     jobs = JobsApi(settings)
     add_components(app, JobRequest)
+    app.add_exception_handler(ClientError, _aws_failed)
+    app.add_exception_handler(BotoCoreError, _aws_failed)
 
     @app.post("/jobs/uploads", status_code=201)
     def upload() -> dict[str, Any]:
