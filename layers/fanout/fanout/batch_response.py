@@ -97,10 +97,9 @@ def item_line(report: ItemReport, **first: Any) -> str:
     bytes). A line is then never much more than its body, so a chunk's results file is bounded
     by its bodies' cap whatever an upstream sends."""
     fields = {**first, **_fields(report)}
-    line, _ = _written(fields, report, _utf8_size)
+    line, size = _written(fields, report, _utf8_size)
     response = report.response
-    body = fields.get("body")
-    if response is not None and body is not None and _written_past_base64(body, response.body):
+    if response is not None and fields.get("body") is not None and _body_past_base64(fields, size, response.body):
         fields.update(_decode_body(response.body, "", response.truncated, force="base64"))
         line, _ = _written(fields, report, _utf8_size)
     return line
@@ -127,10 +126,12 @@ def _utf8_size(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def _written_past_base64(body: Any, data: bytes) -> bool:
-    """Whether `body` (text decoded from `data`, or the JSON parsed from it) takes more bytes written as
-    JSON than `data` in base64: escaped text, or JSON written back (`1e15` is `1000000000000000.0`)."""
-    return len(json.dumps(body, ensure_ascii=False).encode("utf-8")) > 4 * math.ceil(len(data) / 3) + 2
+def _body_past_base64(fields: dict[str, Any], line_size: int, data: bytes) -> bool:
+    """Whether the body of a line of `line_size` bytes written from `fields` takes more than `data` in
+    base64 (quoted): escaped text, or JSON written back (`1e15` is `1000000000000000.0`). Its share is the
+    line less the same line with a null body (four bytes), so the body itself is not written twice."""
+    rest = json.dumps({**fields, "body": None}, ensure_ascii=False, allow_nan=False)
+    return line_size - _utf8_size(rest) + len("null") > 4 * math.ceil(len(data) / 3) + 2
 
 
 class Rendered(NamedTuple):
